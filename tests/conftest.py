@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny tokenizer/model directory and NSMC-format data built from scratch,
+a subprocess runner for the command-line entry points, and the ../shared material when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers_tiny import write_nsmc_dir, write_tiny_model_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TRAINER_PKG_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for subprocesses: offline, private datasets cache, no GPU noise."""
+    cache = tmp_path_factory.mktemp("hf_cache")
+    env = dict(os.environ)
+    env.update(HF_DATASETS_CACHE=str(cache / "datasets"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_nsmc(tmp_path_factory) -> Path:
+    return write_nsmc_dir(tmp_path_factory.mktemp("tiny_nsmc"), n_train=1200, n_test=301, seed=0)
+
+
+def run_module(module: str, *args: str, env: dict[str, str], timeout: float = 600, check: bool = True,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...`; on an unexpected exit code show its output."""
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, cwd=cwd or REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} exited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}"
+                             f"\n--- stderr\n{result.stderr[-5000:]}")
+    return result
+
+
+def tiny_train_args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--model", str(model), "--from_scratch", "--output_dir", str(output_dir),
+            "--validation_size", "200", "--per_device_batch_size", "16", "--lr", "3e-3", "--seed", "7",
+            "--log_every", "5", *extra]
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not (SHARED / "data" / "nsmc" / "ratings_train.txt").is_file():
+        pytest.skip(f"no NSMC data under {SHARED} (a fresh clone without ../shared)")
+    return SHARED

@@ -1,0 +1,323 @@
+"""The one typed configuration of a training run.
+
+Every knob lives in `TrainConfig`: YAML files (`--config`) and command-line flags set the same
+fields by the same names, the command line wins, and `validate()` reports every problem at once.
+The resolved config is written into every run directory and checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from trainer_pkg.errors import UserError
+
+DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
+# A from-scratch encoder has to learn its embeddings too: it wants a far larger step than
+# fine-tuning pretrained weights, where 5e-5 is the usual choice.
+DEFAULT_LR_PRETRAINED = 5e-5
+DEFAULT_LR_FROM_SCRATCH = 2e-3
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL
+    """Hub id or local directory of the model (its config, tokenizer and, unless --from_scratch, weights)."""
+    tokenizer: str | None = None
+    """Hub id or local directory of the tokenizer; default: the same as --model."""
+    from_scratch: bool = False
+    """Initialise the weights randomly from the model's config instead of loading pretrained weights."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """Model config fields to override, KEY=VALUE,... (e.g. num_hidden_layers=2,hidden_size=128)."""
+    max_length: int | None = None
+    """Truncate texts to this many tokens; default: the tokenizer's model_max_length (512 for BERT)."""
+
+    # --- data --------------------------------------------------------------------------------
+    data: str = "nsmc"
+    """'nsmc' (the original NSMC files from GitHub), a local directory holding ratings_train.txt and
+    ratings_test.txt, or a hub dataset id with train/test splits."""
+    train_file: str | None = None
+    """A TSV/CSV/JSONL training file (overrides --data for training)."""
+    test_file: str | None = None
+    """A TSV/CSV/JSONL test file (overrides --data for testing)."""
+    text_column: str = "document"
+    """Name of the text column in the data files."""
+    label_column: str = "label"
+    """Name of the label column in the data files."""
+    id_column: str = "id"
+    """Name of the row-id column, carried into predictions when present."""
+    labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
+    """Class names in label-id order; a label in the data may be the id (0, 1, ...) or the name."""
+    validation_size: int = 5000
+    """Rows carved from the training data (seeded) for evaluation during training and model
+    selection; the test set is never used to choose anything."""
+    max_train_samples: int | None = None
+    """Use only this many training rows (after the validation split)."""
+    max_eval_samples: int | None = None
+    """Use only this many validation and test rows."""
+    cache_dir: str | None = None
+    """Where datasets caches downloads and tokenized data; default: the datasets cache."""
+
+    # --- optimisation ------------------------------------------------------------------------
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides --epochs when smaller)."""
+    lr: float | None = None
+    """Peak learning rate; default 5e-5 for pretrained weights, 2e-3 with --from_scratch."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    warmup_ratio: float = 0.06
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    per_device_batch_size: int = 64
+    """Training examples per process per forward pass."""
+    grad_accum: int = 1
+    """Forward passes accumulated per optimizer step; global batch = per-device batch x processes x this."""
+    eval_batch_size: int = 256
+    """Examples per process per evaluation forward pass."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on GPUs that support it, else fp32), 'no', 'bf16' or 'fp16'."""
+    seed: int = 42
+    """Seed for the validation split, initialisation, shuffling and dropout."""
+    group_by_length: bool = True
+    """Batch texts of similar length together (random order kept across batches) to cut padding."""
+    num_workers: int = 0
+    """Data-loader worker processes (0 loads batches in the training process)."""
+
+    # --- evaluation, checkpoints, output ----------------------------------------------------
+    output_dir: str = "runs/nsmc"
+    """Directory for checkpoints, logs and the exported model (<output_dir>/model)."""
+    eval_every: int = 0
+    """Evaluate on the validation split every N optimizer steps (0: only at the end of each epoch)."""
+    save_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: only after evaluations)."""
+    log_every: int = 50
+    """Log the training loss every N optimizer steps."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (the best one is always kept as well)."""
+    metric_for_best: str = "accuracy"
+    """Validation metric that picks the best checkpoint (higher is better)."""
+    resume: str | None = None
+    """Resume from the latest checkpoint in --output_dir ('latest') or from a checkpoint directory."""
+    overwrite_output_dir: bool = False
+    """Allow starting a new run in an output directory that already holds a run."""
+    debug: bool = False
+    """Show full tracebacks instead of one-line errors."""
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR_FROM_SCRATCH if self.from_scratch else DEFAULT_LR_PRETRAINED
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.model
+
+    def validate(self) -> None:
+        """Raise one UserError listing every problem found."""
+        problems = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        for name in ("epochs", "per_device_batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_length"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name} must be >= 1 or unset (got {value})")
+        for name in ("eval_every", "save_every", "validation_size", "num_workers"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        check(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
+        check(
+            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+            f"mixed_precision must be one of auto, no, bf16, fp16 (got {self.mixed_precision!r})",
+        )
+        check(len(self.labels) >= 2, f"labels needs at least two class names (got {self.labels})")
+        check(len(set(self.labels)) == len(self.labels), f"labels has duplicates: {self.labels}")
+        check(
+            self.metric_for_best in ("accuracy", "f1", "f1_macro", "precision", "recall"),
+            f"metric_for_best must be accuracy, f1, f1_macro, precision or recall (got {self.metric_for_best!r})",
+        )
+        check(
+            self.validation_size >= 1 or self.eval_every == 0,
+            "eval_every needs a validation split: set validation_size >= 1",
+        )
+        check(bool(self.output_dir), "output_dir must not be empty")
+        for name, value in self.model_overrides.items():
+            check(isinstance(name, str) and name.isidentifier(), f"model_overrides key {name!r} is not a field name")
+        if problems:
+            raise UserError("invalid configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write the resolved configuration (effective lr filled in) as YAML."""
+        resolved = self.to_dict()
+        resolved["lr"] = self.effective_lr
+        resolved.pop("debug")
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+FIELD_NAMES = [f.name for f in fields(TrainConfig)]
+_TYPES = get_type_hints(TrainConfig)
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each field, for --help (read from the source so it is written once)."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def unknown_key_error(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FIELD_NAMES)}"
+    return UserError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def _base_type(name: str) -> type:
+    """The field's plain type: `int | None` -> int, `dict[str, Any]` -> dict."""
+    annotation = _TYPES[name]
+    if get_origin(annotation) in (Union, UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return get_origin(annotation) or annotation
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """'a=1,b=0.1,c=gelu' -> {'a': 1, 'b': 0.1, 'c': 'gelu'} (values parsed as YAML scalars)."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model_overrides: expected KEY=VALUE, got {item!r}")
+        result[key.strip()] = yaml.safe_load(value.strip())
+    return result
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, with a clear error."""
+    kind = _base_type(name)
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is dict:
+            return parse_overrides(value) if isinstance(value, str) else dict(value)
+        if kind is list:
+            return [str(v) for v in value] if isinstance(value, list) else [s.strip() for s in str(value).split(",")]
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {name} expects {kind.__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        content = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(content).__name__}")
+    return content
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one-line UserErrors, with the closest valid flag."""
+
+    def error(self, message: str) -> None:
+        if "unrecognized arguments" in message:
+            flag = message.split(":", 1)[1].split()[0]
+            raise unknown_key_error(flag.lstrip("-").split("=")[0], "command line")
+        raise UserError(f"command line: {message}")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = ArgParser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of config keys; flags given here override it")
+    docs = field_docs()
+    for f in fields(TrainConfig):
+        kind = _base_type(f.name)
+        help_text = docs.get(f.name, "")
+        if f.name == "resume":
+            parser.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, help=help_text)
+        elif kind is bool:
+            parser.add_argument(
+                f"--{f.name}", nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL", help=help_text
+            )
+        else:
+            parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, prog: str = "trainer_pkg.train") -> TrainConfig:
+    parser = build_parser(prog, "Fine-tune a BERT text classifier (defaults: mBERT on full NSMC).")
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        for key, value in load_yaml(config_file).items():
+            if key not in FIELD_NAMES:
+                raise unknown_key_error(key, config_file)
+            values[key] = coerce(key, value, config_file)
+    for key, value in args.items():
+        values[key] = coerce(key, value, f"--{key}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def config_from_file(path: Path) -> TrainConfig:
+    """Read a resolved config saved by a run (used by evaluate/predict/resume checks)."""
+    content = load_yaml(str(path))
+    known = {k: coerce(k, v, str(path)) for k, v in content.items() if k in FIELD_NAMES}
+    return TrainConfig(**known)
+
+

@@ -1,0 +1,86 @@
+"""Console output (rich) and the JSONL log; silent on every process but the main one."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+SHOWN_METRICS = ("accuracy", "f1", "precision", "recall", "loss", "num_samples")
+
+
+class RunConsole:
+    """What the user sees. Every method is a no-op off the main process."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def print(self, *args, **kwargs) -> None:
+        if self.enabled:
+            self.console.print(*args, **kwargs)
+
+    def rule(self, title: str) -> None:
+        if self.enabled:
+            self.console.rule(title)
+
+    def start_progress(self, description: str, total: int, completed: int = 0) -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, transient=False, refresh_per_second=2,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, completed=completed, status="")
+
+    def advance(self, steps: int = 1, status: str | None = None) -> None:
+        if self.progress is not None:
+            fields = {"status": status} if status is not None else {}
+            self.progress.update(self.task, advance=steps, **fields)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def metrics_table(self, title: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title, title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name in SHOWN_METRICS:
+            if name in metrics:
+                value = metrics[name]
+                table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+        self.console.print(table)
+
+
+class JsonlLog:
+    """Append-only log of training steps and evaluations (one JSON object per line)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.start = time.time()
+
+    def write(self, kind: str, **record) -> None:
+        if self.path is None:
+            return
+        record = {"kind": kind, "time": round(time.time() - self.start, 3), **record}
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def print_json(data: dict) -> None:
+    """Machine-readable result on stdout (progress and tables go to stderr)."""
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.flush()

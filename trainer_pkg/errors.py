@@ -1,0 +1,55 @@
+"""One-line errors for the user, instead of tracebacks.
+
+A `UserError` is a problem the user can fix (a path, a flag, a row in a file): its message names
+the file/line/key and what to do. Command-line entry points run through `cli`, which prints it
+on one line and exits non-zero; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem in the user's input or environment, reported in one line."""
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and info logs would bury our own progress and tables."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by accelerate when installed) warns when it has to guess.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
+    debug = "--debug" in argv or os.environ.get("TRAINER_PKG_DEBUG") == "1"
+    try:
+        code = main(argv)
+    except UserError as error:
+        if debug:
+            raise
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+        # os._exit: a rank must not wait in collective teardown for peers that will never come.
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

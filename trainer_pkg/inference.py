@@ -1,0 +1,55 @@
+"""Run a model over a dataloader on every rank and gather the results exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from trainer_pkg.console import RunConsole
+from trainer_pkg.metrics import classification_metrics
+
+
+@torch.no_grad()
+def predict_logits(accelerator: Accelerator, model, dataloader, console: RunConsole | None = None,
+                   description: str = "eval") -> dict[str, np.ndarray]:
+    """Logits (and labels, if present) for every row, in the dataset's row order, on every rank.
+
+    Each rank runs its shard; gather_for_metrics drops the samples that even batches repeated,
+    so every row is counted exactly once.
+    """
+    model.eval()
+    if console is not None:
+        console.start_progress(description, total=len(dataloader))
+    parts: dict[str, list[torch.Tensor]] = {"logits": [], "row": [], "labels": []}
+    for batch in dataloader:
+        rows = batch.pop("row")
+        labels = batch.pop("labels", None)
+        logits = model(**batch).logits.float()
+        gathered = accelerator.gather_for_metrics((logits, rows) if labels is None else (logits, rows, labels))
+        parts["logits"].append(gathered[0].cpu())
+        parts["row"].append(gathered[1].cpu())
+        if labels is not None:
+            parts["labels"].append(gathered[2].cpu())
+        if console is not None:
+            console.advance()
+    if console is not None:
+        console.stop_progress()
+    model.train()
+    rows = torch.cat(parts["row"]).numpy()
+    order = np.argsort(rows, kind="stable")
+    result = {"logits": torch.cat(parts["logits"]).numpy()[order], "row": rows[order]}
+    if parts["labels"]:
+        result["labels"] = torch.cat(parts["labels"]).numpy()[order]
+    return result
+
+
+def evaluate_dataloader(accelerator: Accelerator, model, dataloader, num_labels: int,
+                        console: RunConsole | None = None, description: str = "eval") -> dict:
+    """Metrics over the whole split, identical on every rank and to a single-process run."""
+    outputs = predict_logits(accelerator, model, dataloader, console, description)
+    logits = torch.from_numpy(outputs["logits"])
+    labels = torch.from_numpy(outputs["labels"]).long()
+    metrics = classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), num_labels)
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    return metrics

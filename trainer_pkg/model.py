@@ -1,0 +1,117 @@
+"""Build the tokenizer, the classifier (pretrained or from its config), optimizer and schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+)
+
+from trainer_pkg.config import TrainConfig
+from trainer_pkg.errors import UserError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _load_error(what: str, name: str, error: Exception, flag: str) -> UserError:
+    if Path(name).exists():
+        return UserError(f"cannot load {what} from {name}: {' '.join(str(error).split())[:300]}")
+    if name.startswith((".", "/", "~")):
+        return UserError(f"{flag} {name}: no such directory")
+    return UserError(
+        f"cannot load {what} {name!r} from the Hugging Face hub (offline, or no such repo): "
+        f"pass {flag} with a local directory (e.g. one saved with save_pretrained)"
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise _load_error("the tokenizer", name, error, "--tokenizer/--model") from None
+
+
+def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfig:
+    try:
+        model_config = AutoConfig.from_pretrained(config.model)
+    except (OSError, ValueError) as error:
+        raise _load_error("the model config", config.model, error, "--model") from None
+    for key, value in config.model_overrides.items():
+        if not hasattr(model_config, key):
+            raise UserError(f"--model_overrides: {type(model_config).__name__} has no field {key!r}")
+        setattr(model_config, key, value)
+    model_config.num_labels = len(labels)
+    model_config.id2label = dict(enumerate(labels))
+    model_config.label2id = {name: i for i, name in enumerate(labels)}
+    model_config.problem_type = "single_label_classification"
+    return model_config
+
+
+def build_model(config: TrainConfig, labels: list[str]) -> PreTrainedModel:
+    """The classifier: pretrained weights with a new head, or random init with --from_scratch."""
+    model_config = load_model_config(config, labels)
+    if config.from_scratch:
+        try:
+            return AutoModelForSequenceClassification.from_config(model_config, attn_implementation="sdpa")
+        except ValueError as error:
+            raise UserError(f"--model_overrides: invalid model configuration: {error}") from None
+    local = Path(config.model)
+    if local.is_dir() and not any((local / name).exists() for name in WEIGHT_FILES):
+        raise UserError(
+            f"--model {config.model}: no weights there ({' or '.join(WEIGHT_FILES[:3:2])}); "
+            "pass --from_scratch to train from a random initialisation of its config"
+        )
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            config.model, config=model_config, attn_implementation="sdpa", ignore_mismatched_sizes=False
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise _load_error("model weights", config.model, error, "--model") from None
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # Standard BERT recipe: no weight decay on biases and LayerNorm weights.
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=config.effective_lr, fused=fused or None, foreach=None if fused else True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig):
+    warmup = round(total_steps * config.warmup_ratio)
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def load_classifier(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A trained classifier from an export (<output_dir>/model) or a checkpoint directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UserError(f"{path}: no such directory (pass an export <output_dir>/model or a checkpoint)")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{path}: not a model directory (no config.json); pass <output_dir>/model or a checkpoint")
+    if not any((directory / name).exists() for name in WEIGHT_FILES):
+        raise UserError(f"{path}: no model weights (model.safetensors); was the checkpoint written completely?")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(directory, attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: cannot load the model: {' '.join(str(error).split())[:300]}") from None
+    return model, load_tokenizer(str(directory))
+
+
+def label_names(model: PreTrainedModel) -> list[str]:
+    id2label = model.config.id2label
+    return [id2label[i] for i in range(len(id2label))]

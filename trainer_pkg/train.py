@@ -1,0 +1,237 @@
+"""Fine-tune a text classifier: the recipe, top to bottom.
+
+    accelerate launch [--config_file accelerate_configs/X.yaml] -m trainer_pkg.train [options]
+    python -m trainer_pkg.train [options]            # one GPU, or the CPU
+
+load config -> tokenizer and data -> model, optimizer, schedule -> (resume) -> train with
+periodic evaluation on the validation split and checkpoints -> export the best model ->
+score it once on the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from trainer_pkg.checkpoint import (
+    CONFIG_FILE,
+    TrainingState,
+    checkpoints_dir,
+    export_model,
+    resolve_resume,
+    save_checkpoint,
+)
+from trainer_pkg.config import TrainConfig, config_from_file, load_config
+from trainer_pkg.console import JsonlLog, RunConsole
+from trainer_pkg.data import eval_dataloader, load_tokenized, steps_per_epoch, train_dataloader
+from trainer_pkg.distributed import make_accelerator
+from trainer_pkg.errors import UserError, cli
+from trainer_pkg.inference import evaluate_dataloader
+from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
+
+# Keys that must match to continue a run in the same output directory.
+RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
+
+
+def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
+    """Refuse to mix two runs in one directory; write the resolved config."""
+    output_dir = Path(config.output_dir)
+    saved = output_dir / CONFIG_FILE
+    if saved.is_file() and config.resume is None and not config.overwrite_output_dir:
+        raise UserError(
+            f"{output_dir} already holds a run ({saved}); pass --resume to continue it, "
+            "--overwrite_output_dir to replace it, or another --output_dir"
+        )
+    if saved.is_file() and config.resume is not None:
+        previous = config_from_file(saved)
+        changed = [k for k in RUN_IDENTITY if getattr(previous, k) != getattr(config, k)]
+        if changed:
+            raise UserError(
+                f"--resume: {saved} was written by a different run ({', '.join(changed)} differ); "
+                "use the same settings or another --output_dir"
+            )
+    if accelerator.is_main_process:
+        if config.overwrite_output_dir and config.resume is None:
+            for stale in (checkpoints_dir(output_dir), output_dir / "model"):
+                shutil.rmtree(stale, ignore_errors=True)
+            (output_dir / "log.jsonl").unlink(missing_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(saved)
+        except OSError as error:
+            raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def run(config: TrainConfig) -> dict:
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+    console = RunConsole(enabled=accelerator.is_main_process)
+    set_seed(config.seed)
+    output_dir = prepare_output_dir(config, accelerator)
+    resume_from = resolve_resume(config)
+    log = JsonlLog(output_dir / "log.jsonl" if accelerator.is_main_process else None)
+    console.rule(f"trainer_pkg: {config.model} -> {output_dir}")
+    console.print(
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+        f"precision {accelerator.mixed_precision}, lr {config.effective_lr:g}"
+    )
+
+    # --- data --------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(config.tokenizer_name)
+    with accelerator.main_process_first():
+        splits, report = load_tokenized(config, tokenizer, splits=("train", "test"))
+    for line in report.lines():
+        console.print(line)
+    log.write("data", **{"rows": report.rows, "empty_texts": report.empty_texts,
+                         "truncated_texts": report.truncated_texts})
+
+    # --- model, optimizer, schedule ------------------------------------------------------------
+    model = build_model(config, config.labels).to(accelerator.device)
+    optimizer = build_optimizer(model, config)
+    train_loader = train_dataloader(splits["train"], tokenizer, config)
+    valid_loader = eval_dataloader(splits["validation"], tokenizer, config.eval_batch_size, config.num_workers) \
+        if "validation" in splits else None
+    test_loader = eval_dataloader(splits["test"], tokenizer, config.eval_batch_size, config.num_workers)
+    model, optimizer, train_loader, valid_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, valid_loader, test_loader
+    )
+    # The scheduler is counted in optimizer steps of this process and stepped by hand: a
+    # prepared scheduler would step once per process on every optimizer step.
+    per_epoch = steps_per_epoch(len(train_loader), config.grad_accum)
+    total_steps = per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = build_scheduler(optimizer, total_steps, config)
+    global_batch = config.per_device_batch_size * accelerator.num_processes * config.grad_accum
+    console.print(f"{total_steps:,} optimizer steps, global batch {global_batch}, {per_epoch:,} steps per epoch")
+
+    state = TrainingState()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = TrainingState.read(resume_from)
+        scheduler.load_state_dict(state.scheduler)
+        console.print(f"resumed from {resume_from} (step {state.optimizer_steps}, epoch {state.epoch})")
+
+    def validate_and_checkpoint() -> None:
+        metrics = evaluate_dataloader(accelerator, model, valid_loader, len(config.labels))
+        metrics["step"] = state.optimizer_steps
+        score = metrics[config.metric_for_best]
+        is_best = state.best_metric is None or score > state.best_metric
+        if is_best:
+            state.best_metric, state.best_validation = score, metrics
+            state.best_checkpoint = f"step-{state.optimizer_steps:08d}"
+        console.metrics_table(f"validation @ step {state.optimizer_steps}" + (" (best)" if is_best else ""), metrics)
+        log.write("validation", **metrics, best=is_best)
+        save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+
+    # --- train -------------------------------------------------------------------------------
+    model.train()
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    window_start, window_samples = time.time(), 0
+    console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
+    skip = state.batches_in_epoch
+    for epoch in range(state.epoch, config.epochs):
+        if state.optimizer_steps >= total_steps:
+            break
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        state.epoch, state.batches_in_epoch, skip = epoch, skip, 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            running_loss += loss.detach()
+            running_batches += 1
+            window_samples += batch["labels"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            state.optimizer_steps += 1
+            console.advance()
+
+            if state.optimizer_steps % config.log_every == 0 or state.optimizer_steps == total_steps:
+                # The only host sync of the step loop, once per log interval.
+                mean_loss = accelerator.reduce(running_loss / running_batches, "mean").item()
+                if not math.isfinite(mean_loss):
+                    raise UserError(
+                        f"training loss became {mean_loss} by step {state.optimizer_steps}; lower --lr "
+                        f"(now {config.effective_lr:g}); the last checkpoint in {checkpoints_dir(output_dir)} is intact"
+                    )
+                elapsed = time.time() - window_start
+                state.samples_seen += window_samples
+                rate = window_samples / elapsed if elapsed > 0 else 0.0
+                log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss,
+                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, samples_seen=state.samples_seen)
+                console.advance(0, status=f"loss {mean_loss:.4f}  {rate:,.0f} samples/s")
+                running_loss.zero_()
+                running_batches, window_start, window_samples = 0, time.time(), 0
+            if state.optimizer_steps >= total_steps:
+                break
+            if valid_loader is not None and config.eval_every and state.optimizer_steps % config.eval_every == 0:
+                validate_and_checkpoint()
+            elif config.save_every and state.optimizer_steps % config.save_every == 0:
+                save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+        else:
+            # A full pass: the saved position is the start of the next epoch.
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if epoch + 1 < config.epochs and state.optimizer_steps < total_steps:
+                if valid_loader is not None:
+                    validate_and_checkpoint()
+                else:
+                    save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+    console.stop_progress()
+
+    # --- final evaluation, export of the best model, test score ------------------------------
+    if state.optimizer_steps >= total_steps and state.batches_in_epoch == len(train_loader):
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    if valid_loader is not None:
+        validate_and_checkpoint()
+    else:
+        save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+    best = state.best_checkpoint or f"step-{state.optimizer_steps:08d}"
+    if best != f"step-{state.optimizer_steps:08d}":
+        console.print(f"loading the best checkpoint ({best}) for export")
+        accelerator.load_state(str(checkpoints_dir(output_dir) / best))
+    test_metrics = evaluate_dataloader(accelerator, model, test_loader, len(config.labels), console, "test")
+    summary = {
+        "best_checkpoint": best,
+        "validation": state.best_validation,
+        "test": test_metrics,
+        "optimizer_steps": state.optimizer_steps,
+        "data": {"rows": report.rows, "empty_texts": report.empty_texts, "truncated_texts": report.truncated_texts},
+    }
+    export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
+    log.write("test", **test_metrics)
+    console.metrics_table("test (best model)", test_metrics)
+    if accelerator.is_main_process:
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        console.print(f"exported {output_dir / 'model'}")
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    run(load_config(argv))
+    return 0
+
+
+def cli_main() -> None:
+    cli(main)
+
+
+if __name__ == "__main__":
+    cli_main()
