@@ -73,7 +73,9 @@ def write_tiny_model_dir(path: Path, vocab_size_hint: int = 300) -> Path:
         show_progress=False,
     )
     trained = set(tokenizer.get_vocab())
-    alphabet = sorted(t for t in trained if t not in SPECIAL_TOKENS and (len(t) == 1 or (t.startswith("##") and len(t) == 3)))
+    alphabet = sorted(
+        t for t in trained if t not in SPECIAL_TOKENS and (len(t) == 1 or (t.startswith("##") and len(t) == 3))
+    )
     words = set()
     for line in corpus:
         normalized = tokenizer.normalize(line)

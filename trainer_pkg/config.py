@@ -199,8 +199,23 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
+# Names users bring from the HF Trainer and other tools.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "fp16": "mixed_precision", "bf16": "mixed_precision",
+    "batch_size": "per_device_batch_size", "train_batch_size": "per_device_batch_size",
+    "per_device_train_batch_size": "per_device_batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "model_name_or_path": "model", "resume_from_checkpoint": "resume", "eval_steps": "eval_every",
+    "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
+    "warmup": "warmup_ratio", "num_epochs": "epochs",
+}
+
+
 def unknown_key_error(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
+    normalised = key.lower().replace("-", "_")
+    close = [ALIASES[normalised]] if normalised in ALIASES else difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
+    if not close:
+        close = [ALIASES[a] for a in difflib.get_close_matches(normalised, list(ALIASES), n=1, cutoff=0.75)]
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FIELD_NAMES)}"
     return UserError(f"{where}: unknown config key {key!r}{hint}")
 
@@ -220,7 +235,10 @@ def parse_overrides(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--model_overrides: expected KEY=VALUE, got {item!r}")
-        result[key.strip()] = yaml.safe_load(value.strip())
+        try:
+            result[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            raise UserError(f"--model_overrides: cannot parse the value of {key.strip()!r}: {value.strip()!r}") from None
     return result
 
 
@@ -228,7 +246,9 @@ def coerce(name: str, value: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's type, with a clear error."""
     kind = _base_type(name)
     if value is None:
-        return None
+        if type(None) in get_args(_TYPES[name]):
+            return None
+        raise UserError(f"{where}: {name} needs a value (it cannot be empty or null)")
     try:
         if kind is bool:
             if isinstance(value, bool):

@@ -10,6 +10,7 @@ and counted.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -25,11 +26,13 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
+from trainer_pkg.network import require_download
 
 NSMC_URLS = {
     "train": "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt",
     "test": "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_test.txt",
 }
+NSMC_COLUMNS = ["id", "document", "label"]
 NSMC_FILES = {"train": "ratings_train.txt", "test": "ratings_test.txt"}
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
 # Bump when the tokenized layout changes, so stale caches are not reused.
@@ -84,15 +87,30 @@ def _is_remote(source: str) -> bool:
 
 
 def _offline_hint(source: str) -> str:
-    return (
-        f"cannot download {source.removeprefix('hub:')} (no network or hub unreachable): "
-        "pass --data DIR (a directory holding ratings_train.txt and ratings_test.txt) "
-        "or --train_file/--test_file with local files"
-    )
+    return f"cannot download {source.removeprefix('hub:')} (no network or hub unreachable): {LOCAL_DATA_HINT}"
+
+
+def _download_cached(source: str, cache_dir: str | None) -> bool:
+    """Whether a previous run already downloaded this URL (datasets then works offline)."""
+    if source.startswith("hub:"):
+        return False
+    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    downloads = root / "downloads"
+    if not downloads.is_dir():
+        return False
+    return any(source in meta.read_text(errors="ignore") for meta in downloads.glob("*.json"))
+
+
+LOCAL_DATA_HINT = (
+    "pass --data DIR (a directory holding ratings_train.txt and ratings_test.txt) "
+    "or --train_file/--test_file with local files"
+)
 
 
 def read_table(source: str, split: str, cache_dir: str | None = None) -> Dataset:
     """Read one file (or URL, or hub split) as a Dataset of strings, with clear errors."""
+    if _is_remote(source) and not _download_cached(source, cache_dir):
+        require_download(f"the {split} data", source.removeprefix("hub:"), LOCAL_DATA_HINT)
     if source.startswith("hub:"):
         try:
             return datasets.load_dataset(source[4:], split=split, cache_dir=cache_dir)
@@ -117,6 +135,8 @@ def read_table(source: str, split: str, cache_dir: str | None = None) -> Dataset
             options["quoting"] = csv.QUOTE_NONE
         if not _is_remote(source):
             options["features"] = _all_strings(_header(Path(source), delimiter))
+        elif source in NSMC_URLS.values():
+            options["features"] = _all_strings(NSMC_COLUMNS)
     try:
         return datasets.load_dataset(builder, data_files={split: source}, split=split, cache_dir=cache_dir, **options)
     except datasets.exceptions.DatasetGenerationError as error:
@@ -173,17 +193,20 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
                 f"{source}: no {role} column {column!r} (columns: {', '.join(columns)}); "
                 f"pass {flag} NAME or fix the header"
             )
-    first_data_line = 1 if source.endswith((".json", ".jsonl")) else 2
+    first_data_line = 1 if source.lower().endswith((".json", ".jsonl")) else 2
+    # Only these values go into the closure: datasets fingerprints the function with what it
+    # captures, and capturing the whole config would re-tokenize whenever any setting changed.
+    text_column, label_column, labels = config.text_column, config.label_column, list(config.labels)
 
     def clean(batch: dict, indices: list[int]) -> dict:
-        ids, bad = label_ids(batch[config.label_column], config.labels)
+        ids, bad = label_ids(batch[label_column], labels)
         if bad is not None:
             line = indices[bad] + first_data_line
             raise UserError(
-                f"{source} line {line}: label {batch[config.label_column][bad]!r} is not one of "
-                f"{list(range(len(config.labels)))} or {config.labels}; fix the row or pass --labels"
+                f"{source} line {line}: label {batch[label_column][bad]!r} is not one of "
+                f"{list(range(len(labels)))} or {labels}; fix the row or pass --labels"
             )
-        texts = ["" if text is None else str(text) for text in batch[config.text_column]]
+        texts = ["" if text is None else str(text) for text in batch[text_column]]
         return {"text": texts, "labels": ids}
 
     keep = [config.id_column] if config.id_column in columns else []
@@ -204,14 +227,23 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
     return cleaned
 
 
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase):
+    """What determines the token ids: the full tokenizer definition (vocab, normalizer, ...)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return sorted(tokenizer.get_vocab().items())
+    definition = json.loads(backend.to_str())
+    # Truncation/padding settings change as a side effect of calls; they do not change the ids.
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return definition
+
+
 def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str, report: DataReport) -> Dataset:
     """Tokenize once (batched, fast tokenizer) and cache on disk under a content fingerprint."""
     # An explicit fingerprint: hashing the tokenizer object is unstable between runs (its
     # truncation state changes after the first call), which would defeat the cache.
-    fingerprint = Hasher.hash(
-        [table._fingerprint, tokenizer.name_or_path, len(tokenizer), tokenizer.do_lower_case
-         if hasattr(tokenizer, "do_lower_case") else None, max_length, TOKENIZED_FORMAT_VERSION]
-    )
+    fingerprint = Hasher.hash([table._fingerprint, tokenizer_identity(tokenizer), max_length, TOKENIZED_FORMAT_VERSION])
     cache_file = table._get_cache_file_path(fingerprint) if table.cache_files else None
     report.tokenized_from_cache[split] = bool(cache_file and os.path.exists(cache_file))
 
@@ -308,7 +340,8 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        # Mixed so that (seed, epoch + 1) never replays (seed + 1, epoch).
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         mega = self.batch_size * self.group
         batches = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -17,6 +18,7 @@ from transformers import (
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
+from trainer_pkg.network import require_download
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -32,7 +34,18 @@ def _load_error(what: str, name: str, error: Exception, flag: str) -> UserError:
     )
 
 
+def _require_local_or_hub(what: str, name: str, flag: str) -> None:
+    if Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{flag} {name}: no such directory")
+    # A cached hub download works offline too: only check the network when nothing is cached.
+    if try_to_load_from_cache(name, "config.json") is None:
+        require_download(what, name, f"pass {flag} with a local directory (e.g. one saved with save_pretrained)")
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    _require_local_or_hub("the tokenizer", name, "--tokenizer/--model")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -40,6 +53,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfig:
+    _require_local_or_hub("the model", config.model, "--model")
     try:
         model_config = AutoConfig.from_pretrained(config.model)
     except (OSError, ValueError) as error:

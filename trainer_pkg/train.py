@@ -43,7 +43,9 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
     """Refuse to mix two runs in one directory; write the resolved config."""
     output_dir = Path(config.output_dir)
     saved = output_dir / CONFIG_FILE
-    if saved.is_file() and config.resume is None and not config.overwrite_output_dir:
+    # A run that stopped before its first checkpoint left nothing worth protecting.
+    holds_work = any(checkpoints_dir(output_dir).glob("step-*")) or (output_dir / "model").exists()
+    if holds_work and config.resume is None and not config.overwrite_output_dir:
         raise UserError(
             f"{output_dir} already holds a run ({saved}); pass --resume to continue it, "
             "--overwrite_output_dir to replace it, or another --output_dir"
@@ -83,8 +85,11 @@ def run(config: TrainConfig) -> dict:
         f"precision {accelerator.mixed_precision}, lr {config.effective_lr:g}"
     )
 
-    # --- data --------------------------------------------------------------------------------
+    # --- tokenizer and model (before the data: a bad model path should not wait for tokenizing)
     tokenizer = load_tokenizer(config.tokenizer_name)
+    model = build_model(config, config.labels).to(accelerator.device)
+
+    # --- data --------------------------------------------------------------------------------
     with accelerator.main_process_first():
         splits, report = load_tokenized(config, tokenizer, splits=("train", "test"))
     for line in report.lines():
@@ -92,8 +97,7 @@ def run(config: TrainConfig) -> dict:
     log.write("data", **{"rows": report.rows, "empty_texts": report.empty_texts,
                          "truncated_texts": report.truncated_texts})
 
-    # --- model, optimizer, schedule ------------------------------------------------------------
-    model = build_model(config, config.labels).to(accelerator.device)
+    # --- optimizer, schedule, placement -------------------------------------------------------
     optimizer = build_optimizer(model, config)
     train_loader = train_dataloader(splits["train"], tokenizer, config)
     valid_loader = eval_dataloader(splits["validation"], tokenizer, config.eval_batch_size, config.num_workers) \
