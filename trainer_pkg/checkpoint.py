@@ -38,7 +38,8 @@ class TrainingState:
     """Where training stands; saved in every checkpoint and restored on resume."""
 
     epoch: int = 0
-    batches_in_epoch: int = 0
+    batches_in_epoch: int = 0  # per process
+    num_processes: int = 1
     optimizer_steps: int = 0
     samples_seen: int = 0
     best_metric: float | None = None
@@ -83,6 +84,8 @@ def resolve_resume(config: TrainConfig) -> Path | None:
     """The checkpoint to resume from, or None for a fresh start."""
     if config.resume is None:
         return None
+    if config.resume == "auto":
+        return latest_checkpoint(config.output_dir)
     if config.resume == "latest":
         found = latest_checkpoint(config.output_dir)
         if found is None:
@@ -106,8 +109,9 @@ def save_checkpoint(accelerator: Accelerator, state: TrainingState, scheduler, c
     temporary = root / f".tmp-{name}"
     state.scheduler = scheduler.state_dict()
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
+        # Created before the barrier: under DeepSpeed every rank writes its own shard into it.
+        temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     if accelerator.is_main_process:

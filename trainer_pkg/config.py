@@ -111,9 +111,12 @@ class TrainConfig:
     metric_for_best: str = "accuracy"
     """Validation metric that picks the best checkpoint (higher is better)."""
     resume: str | None = None
-    """Resume from the latest checkpoint in --output_dir ('latest') or from a checkpoint directory."""
+    """Resume from the latest checkpoint in --output_dir ('latest', what a bare --resume means), from a
+    checkpoint directory, or 'auto': resume if a checkpoint exists, else start fresh (for requeued jobs)."""
     overwrite_output_dir: bool = False
     """Allow starting a new run in an output directory that already holds a run."""
+    dist_timeout: int = 1800
+    """Seconds a process waits in a collective (or for a peer) before failing instead of hanging."""
     debug: bool = False
     """Show full tracebacks instead of one-line errors."""
 
@@ -143,6 +146,7 @@ class TrainConfig:
             check(value is None or value >= 1, f"{name} must be >= 1 or unset (got {value})")
         for name in ("eval_every", "save_every", "validation_size", "num_workers"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
+        check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         check(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")

@@ -43,9 +43,15 @@ class RunConsole:
         self.task = self.progress.add_task(description, total=total, completed=completed, status="")
 
     def advance(self, steps: int = 1, status: str | None = None) -> None:
-        if self.progress is not None:
-            fields = {"status": status} if status is not None else {}
-            self.progress.update(self.task, advance=steps, **fields)
+        if self.progress is None:
+            return
+        fields = {"status": status} if status is not None else {}
+        self.progress.update(self.task, advance=steps, **fields)
+        if status is not None and not self.console.is_terminal:
+            # A log file (SLURM, CI) gets no live bar: leave a line per log interval instead.
+            task = self.progress.tasks[0]
+            eta = f", eta {task.time_remaining:.0f}s" if task.time_remaining is not None else ""
+            self.console.print(f"{task.description} {task.completed:.0f}/{task.total:.0f}: {status}{eta}")
 
     def stop_progress(self) -> None:
         if self.progress is not None:

@@ -1,13 +1,21 @@
-"""The Accelerator for train/evaluate/predict: placement, precision and process group.
+"""The Accelerator for train/evaluate/predict: placement, precision, process group, DeepSpeed.
 
-Without a GPU, the process group must be told to use the CPU explicitly: under torchrun,
-`Accelerator()` on a GPU-less machine would otherwise become N independent single-process runs,
-each doing the whole job. With `cpu=True` the N processes become real gloo ranks.
+Launch modes and what each becomes:
+- `python -m ...`: one process, on the GPU if there is one, else the CPU.
+- `torchrun`/`accelerate launch` with GPUs: DDP (NCCL), or DeepSpeed when the accelerate config
+  says so.
+- the same without GPUs: real gloo ranks. `Accelerator()` alone would make N independent
+  single-process runs that each do the whole job; `cpu=True` makes them MULTI_CPU ranks.
+  DeepSpeed must not get `cpu=True` (Accelerate would silently drop DeepSpeed): it gets an explicit
+  gloo process group instead, and DeepSpeed picks its CPU accelerator.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -15,25 +23,80 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from trainer_pkg.errors import UserError
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FALLBACK = "launch with accelerate_configs/multi_gpu.yaml (DDP) or plain python instead"
 
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        if requested in ("bf16", "fp16") and not torch.cuda.is_available() and requested == "fp16":
-            raise UserError("--mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
-        return requested
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+
+def launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def locate_deepspeed_config() -> None:
+    """Let the configs' repo-relative JSON paths work from any working directory."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none" or Path(path).is_file():
+        return
+    in_repo = REPO_ROOT / path
+    if not in_repo.is_file():
+        raise UserError(f"DeepSpeed config file not found: {path} (relative to {Path.cwd()}); "
+                        "launch from the repository root or give an absolute path")
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
+
+
+def resolve_precision(requested: str) -> str | None:
+    """'auto': the accelerate config's choice when launched with one, else bf16 where supported."""
+    if requested == "auto":
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no"
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
+    return requested
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout_s: int = 1800) -> Accelerator:
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    deepspeed = deepspeed_requested()
+    if deepspeed:
+        locate_deepspeed_config()
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"the accelerate config asks for DeepSpeed, which is not installed: "
+                            f"pip install 'trainer_pkg[deepspeed]', or {FALLBACK}")
+        if not cuda and "LOCAL_RANK" not in os.environ:
+            raise UserError("DeepSpeed without a GPU needs a launcher (accelerate launch or torchrun); "
+                            f"or {FALLBACK}")
+    if cuda:
         # TF32 matmuls: free speed on Ampere+ for the fp32 parts of the model.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    if deepspeed and not cuda:
+        process_group.backend = "gloo"
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed,
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
+        kwargs_handlers=[process_group],
     )
+    if launched_processes() > 1 and accelerator.num_processes != launched_processes():
+        raise UserError(
+            f"launched as {launched_processes()} processes but the process group has {accelerator.num_processes}: "
+            "refusing to run the job several times over; check the launcher and accelerate config"
+        )
+    return accelerator
+
+
+def fill_deepspeed_config(accelerator: Accelerator, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed settings trainer_pkg owns (left "auto" in accelerate_configs/deepspeed)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = max_grad_norm

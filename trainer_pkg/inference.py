@@ -38,6 +38,10 @@ def predict_logits(accelerator: Accelerator, model, dataloader, console: RunCons
     model.train()
     rows = torch.cat(parts["row"]).numpy()
     order = np.argsort(rows, kind="stable")
+    expected = len(dataloader.dataset)
+    if len(rows) != expected or not np.array_equal(rows[order], np.arange(expected)):
+        # Never report metrics over the wrong rows: this would mean a sharding bug.
+        raise RuntimeError(f"gathered {len(rows)} predictions for {expected} rows (duplicates or gaps)")
     result = {"logits": torch.cat(parts["logits"]).numpy()[order], "row": rows[order]}
     if parts["labels"]:
         result["labels"] = torch.cat(parts["labels"]).numpy()[order]

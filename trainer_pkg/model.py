@@ -118,6 +118,9 @@ def load_classifier(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     if not (directory / "config.json").is_file():
         raise UserError(f"{path}: not a model directory (no config.json); pass <output_dir>/model or a checkpoint")
     if not any((directory / name).exists() for name in WEIGHT_FILES):
+        if (directory / "pytorch_model").is_dir():
+            raise UserError(f"{path}: a DeepSpeed ZeRO checkpoint (sharded weights); convert it first: "
+                            f"python -m trainer_pkg.export {path} EXPORT_DIR")
         raise UserError(f"{path}: no model weights (model.safetensors); was the checkpoint written completely?")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(directory, attn_implementation="sdpa")

@@ -30,9 +30,10 @@ from trainer_pkg.checkpoint import (
 from trainer_pkg.config import TrainConfig, config_from_file, load_config
 from trainer_pkg.console import JsonlLog, RunConsole
 from trainer_pkg.data import eval_dataloader, load_tokenized, steps_per_epoch, train_dataloader
-from trainer_pkg.distributed import make_accelerator
+from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import evaluate_dataloader
+from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
 
 # Keys that must match to continue a run in the same output directory.
@@ -72,8 +73,24 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
     return output_dir
 
 
+def window_scale(batch_index: int, num_batches: int, grad_accum: int) -> float:
+    """grad_accum / (micro-batches in the accumulation window holding this batch)."""
+    window_start = batch_index - batch_index % grad_accum
+    return grad_accum / min(grad_accum, num_batches - window_start)
+
+
+def check_resumable(state: TrainingState, accelerator, checkpoint: Path) -> None:
+    if state.num_processes != accelerator.num_processes and accelerator.state.deepspeed_plugin is not None:
+        raise UserError(
+            f"--resume {checkpoint}: saved by {state.num_processes} DeepSpeed processes, now {accelerator.num_processes}; "
+            f"ZeRO shards cannot be re-split: resume with {state.num_processes} processes, or convert with "
+            f"`python -m trainer_pkg.export {checkpoint} DIR` and start a new run with --model DIR"
+        )
+
+
 def run(config: TrainConfig) -> dict:
-    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout)
+    fill_deepspeed_config(accelerator, config.max_grad_norm)
     console = RunConsole(enabled=accelerator.is_main_process)
     set_seed(config.seed)
     output_dir = prepare_output_dir(config, accelerator)
@@ -116,11 +133,23 @@ def run(config: TrainConfig) -> dict:
     global_batch = config.per_device_batch_size * accelerator.num_processes * config.grad_accum
     console.print(f"{total_steps:,} optimizer steps, global batch {global_batch}, {per_epoch:,} steps per epoch")
 
-    state = TrainingState()
+    state = TrainingState(num_processes=accelerator.num_processes)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
         state = TrainingState.read(resume_from)
+        check_resumable(state, accelerator, resume_from)
+        if resume_from.resolve().parent != checkpoints_dir(output_dir).resolve():
+            # The best checkpoint of another directory is not ours to export: track a new best.
+            state.best_metric, state.best_checkpoint, state.best_validation = None, None, {}
+        accelerator.load_state(str(resume_from))
         scheduler.load_state_dict(state.scheduler)
+        if state.num_processes != accelerator.num_processes:
+            # Rank r reads global batches r, r+n, ...: the first k*n global batches are done.
+            done = state.batches_in_epoch * state.num_processes
+            state.batches_in_epoch = done // accelerator.num_processes
+            console.print(f"[yellow]resuming a {state.num_processes}-process run on {accelerator.num_processes} "
+                          f"processes: global batch is now {global_batch}; "
+                          f"{done - state.batches_in_epoch * accelerator.num_processes} batches are seen again")
+            state.num_processes = accelerator.num_processes
         console.print(f"resumed from {resume_from} (step {state.optimizer_steps}, epoch {state.epoch})")
 
     def validate_and_checkpoint() -> None:
@@ -140,6 +169,7 @@ def run(config: TrainConfig) -> dict:
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
     window_start, window_samples = time.time(), 0
+    stop = StopRequest().install(multi_process=accelerator.num_processes > 1)
     console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
     skip = state.batches_in_epoch
     for epoch in range(state.epoch, config.epochs):
@@ -151,7 +181,9 @@ def run(config: TrainConfig) -> dict:
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
+                # Accelerate divides every loss by grad_accum; an epoch's last window may be
+                # shorter, and its gradient must still be a mean, not a fraction of one.
+                accelerator.backward(loss * window_scale(state.batches_in_epoch, len(train_loader), config.grad_accum))
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -185,6 +217,14 @@ def run(config: TrainConfig) -> dict:
                 running_batches, window_start, window_samples = 0, time.time(), 0
             if state.optimizer_steps >= total_steps:
                 break
+            if stop.agreed():
+                console.stop_progress()
+                save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                console.print(f"[yellow]signal {stop.received or 'on a peer'}: checkpoint at step "
+                              f"{state.optimizer_steps} saved; exiting with {PREEMPTED_EXIT_CODE} to be resumed")
+                log.write("preempted", step=state.optimizer_steps)
+                accelerator.end_training()
+                return {"preempted": True, "step": state.optimizer_steps}
             if valid_loader is not None and config.eval_every and state.optimizer_steps % config.eval_every == 0:
                 validate_and_checkpoint()
             elif config.save_every and state.optimizer_steps % config.save_every == 0:
@@ -198,6 +238,8 @@ def run(config: TrainConfig) -> dict:
                 else:
                     save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
     console.stop_progress()
+    # Past the last step, finishing (evaluation, export) beats being requeued.
+    stop.uninstall()
 
     # --- final evaluation, export of the best model, test score ------------------------------
     if state.optimizer_steps >= total_steps and state.batches_in_epoch == len(train_loader):
@@ -229,8 +271,8 @@ def run(config: TrainConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    run(load_config(argv))
-    return 0
+    summary = run(load_config(argv))
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 def cli_main() -> None:
