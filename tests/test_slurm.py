@@ -136,7 +136,7 @@ def test_two_launcher_tasks_act_as_two_machines(tmp_path, tiny_model, tiny_nsmc,
     env = {**slurm_env, "NUM_MACHINES": "2"}
     output_dir = tmp_path / "out"
     job = sbatch("train.sh", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "6"),
-                 logs=tmp_path, env=env, options=("--ntasks=2", "--cpus-per-task=1"))
+                 logs=tmp_path, env=env, options=("--ntasks=2", "--ntasks-per-node=2"))
     info = wait_for(job)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
