@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-
 from helpers_tiny import FILLER_WORDS, synthetic_rows, write_nsmc_dir, write_tiny_model_dir
+
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.data import (
     NSMC_URLS,

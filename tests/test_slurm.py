@@ -5,7 +5,6 @@ wiring (two launcher tasks acting as two machines)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

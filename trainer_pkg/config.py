@@ -26,7 +26,8 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # A from-scratch encoder has to learn its embeddings too: it wants a far larger step than
 # fine-tuning pretrained weights, where 5e-5 is the usual choice.
 DEFAULT_LR_PRETRAINED = 5e-5
-DEFAULT_LR_FROM_SCRATCH = 2e-3
+DEFAULT_LR_FROM_SCRATCH = 3e-3
+DEFAULT_EMBEDDING_LR_SCALE_FROM_SCRATCH = 5.0
 
 
 @dataclass
@@ -75,7 +76,10 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     lr: float | None = None
-    """Peak learning rate; default 5e-5 for pretrained weights, 2e-3 with --from_scratch."""
+    """Peak learning rate; default 5e-5 for pretrained weights, 3e-3 with --from_scratch."""
+    embedding_lr_scale: float | None = None
+    """Multiplier on the learning rate of the token embeddings; default 1 for pretrained weights,
+    5 with --from_scratch (a random 100k-token embedding table learns too slowly at the encoder's rate)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.06
@@ -128,6 +132,12 @@ class TrainConfig:
         return DEFAULT_LR_FROM_SCRATCH if self.from_scratch else DEFAULT_LR_PRETRAINED
 
     @property
+    def effective_embedding_lr_scale(self) -> float:
+        if self.embedding_lr_scale is not None:
+            return self.embedding_lr_scale
+        return DEFAULT_EMBEDDING_LR_SCALE_FROM_SCRATCH if self.from_scratch else 1.0
+
+    @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
 
@@ -149,6 +159,8 @@ class TrainConfig:
         check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         check(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        check(self.embedding_lr_scale is None or self.embedding_lr_scale > 0,
+              f"embedding_lr_scale must be > 0 (got {self.embedding_lr_scale})")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
@@ -179,6 +191,7 @@ class TrainConfig:
         """Write the resolved configuration (effective lr filled in) as YAML."""
         resolved = self.to_dict()
         resolved["lr"] = self.effective_lr
+        resolved["embedding_lr_scale"] = self.effective_embedding_lr_scale
         resolved.pop("debug")
         path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
@@ -217,9 +230,11 @@ ALIASES = {
 
 def unknown_key_error(key: str, where: str) -> UserError:
     normalised = key.lower().replace("-", "_")
-    close = [ALIASES[normalised]] if normalised in ALIASES else difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
-    if not close:
-        close = [ALIASES[a] for a in difflib.get_close_matches(normalised, list(ALIASES), n=1, cutoff=0.75)]
+    if normalised in ALIASES:
+        close = [ALIASES[normalised]]
+    else:
+        close = [ALIASES[a] for a in difflib.get_close_matches(normalised, list(ALIASES), n=1, cutoff=0.8)]
+        close = close or difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FIELD_NAMES)}"
     return UserError(f"{where}: unknown config key {key!r}{hint}")
 

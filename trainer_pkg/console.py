@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from trainer_pkg.errors import UserError
+
 SHOWN_METRICS = ("accuracy", "f1", "precision", "recall", "loss", "num_samples")
 
 
@@ -84,6 +86,15 @@ class JsonlLog:
         record = {"kind": kind, "time": round(time.time() - self.start, 3), **record}
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_output(path: Path, text: str, flag: str = "--output") -> None:
+    """Write a file the user asked for, turning OS errors into a one-line error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot write ({error.strerror})") from None
 
 
 def print_json(data: dict) -> None:

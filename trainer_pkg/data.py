@@ -283,7 +283,9 @@ def texts_dataset(source: str, text_column: str, id_column: str, cache_dir: str 
     return table.map(lambda b: {"text": ["" if t is None else str(t) for t in b["text"]]}, batched=True)
 
 
-def load_tokenized(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, splits=("train", "test")) -> tuple[dict[str, Dataset], DataReport]:
+def load_tokenized(
+    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, splits=("train", "test")
+) -> tuple[dict[str, Dataset], DataReport]:
     """The tokenized train/validation/test splits (validation carved from train, seeded)."""
     report = DataReport()
     max_length = config.max_length or min(tokenizer.model_max_length, 512)

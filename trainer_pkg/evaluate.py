@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from trainer_pkg.config import ArgParser, TrainConfig, config_from_file
-from trainer_pkg.console import RunConsole, print_json
+from trainer_pkg.console import RunConsole, print_json, write_output
 from trainer_pkg.data import DataReport, check_and_clean, eval_dataloader, read_table, source_files, tokenize
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
@@ -80,11 +80,7 @@ def main(argv: list[str]) -> int:
     console.metrics_table(f"{model_dir} on {source}", metrics)
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-        except OSError as error:
-            raise UserError(f"--output {output}: cannot write ({error.strerror})") from None
+        write_output(output, json.dumps(metrics, indent=2, ensure_ascii=False))
         console.print(f"wrote {output}")
         print_json(metrics)
     accelerator.end_training()

@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 from trainer_pkg.config import ArgParser
-from trainer_pkg.console import RunConsole
+from trainer_pkg.console import RunConsole, write_output
 from trainer_pkg.data import DataReport, eval_dataloader, texts_dataset, tokenize
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
@@ -79,10 +79,7 @@ def main(argv: list[str]) -> int:
             lines.append(json.dumps({**record, **row}, ensure_ascii=False))
         text = "\n".join(lines) + "\n"
         if args.output:
-            try:
-                Path(args.output).write_text(text, encoding="utf-8")
-            except OSError as error:
-                raise UserError(f"--output {args.output}: cannot write ({error.strerror})") from None
+            write_output(Path(args.output), text)
             console.print(f"wrote {len(rows):,} predictions to {args.output}")
         else:
             sys.stdout.write(text)

@@ -33,8 +33,8 @@ from trainer_pkg.data import eval_dataloader, load_tokenized, steps_per_epoch, t
 from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import evaluate_dataloader
-from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
+from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
 # Keys that must match to continue a run in the same output directory.
 RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
