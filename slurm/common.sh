@@ -29,6 +29,9 @@ srun_accelerate() {
         "${overcommit[@]}" --kill-on-bad-exit=1 bash -c '
         trap "" USR1
         echo "launcher on $(hostname): machine rank $SLURM_PROCID of $NUM_MACHINES"
+        # The head launcher checks that the rendezvous port is free, then claims it: the others
+        # start a moment later (needed where two "machines" share a host).
+        if (( SLURM_PROCID > 0 )); then sleep "${WORKER_LAUNCH_DELAY:-5}"; fi
         exec "$TRAINER_PKG_PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
             --num_machines "$NUM_MACHINES" --machine_rank "$SLURM_PROCID" \
             --num_processes "$((NUM_MACHINES * GPUS_PER_NODE))" \

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -193,7 +194,10 @@ class TrainConfig:
         resolved["lr"] = self.effective_lr
         resolved["embedding_lr_scale"] = self.effective_embedding_lr_scale
         resolved.pop("debug")
-        path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        # Written beside, then renamed: a reader never sees half a file.
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        os.replace(temporary, path)
 
 
 FIELD_NAMES = [f.name for f in fields(TrainConfig)]

@@ -59,6 +59,8 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
                 f"--resume: {saved} was written by a different run ({', '.join(changed)} differ); "
                 "use the same settings or another --output_dir"
             )
+    # Every rank has read the old config before the main process replaces it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if config.overwrite_output_dir and config.resume is None:
             for stale in (checkpoints_dir(output_dir), output_dir / "model"):
@@ -210,8 +212,9 @@ def run(config: TrainConfig) -> dict:
                 elapsed = time.time() - window_start
                 state.samples_seen += window_samples
                 rate = window_samples / elapsed if elapsed > 0 else 0.0
+                memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
                 log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss,
-                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, samples_seen=state.samples_seen)
+                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, samples_seen=state.samples_seen, **memory)
                 console.advance(0, status=f"loss {mean_loss:.4f}  {rate:,.0f} samples/s")
                 running_loss.zero_()
                 running_batches, window_start, window_samples = 0, time.time(), 0
