@@ -27,8 +27,7 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # A from-scratch encoder has to learn its embeddings too: it wants a far larger step than
 # fine-tuning pretrained weights, where 5e-5 is the usual choice.
 DEFAULT_LR_PRETRAINED = 5e-5
-DEFAULT_LR_FROM_SCRATCH = 3e-3
-DEFAULT_EMBEDDING_LR_SCALE_FROM_SCRATCH = 5.0
+DEFAULT_LR_FROM_SCRATCH = 2e-3
 
 
 @dataclass
@@ -77,10 +76,7 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     lr: float | None = None
-    """Peak learning rate; default 5e-5 for pretrained weights, 3e-3 with --from_scratch."""
-    embedding_lr_scale: float | None = None
-    """Multiplier on the learning rate of the token embeddings; default 1 for pretrained weights,
-    5 with --from_scratch (a random 100k-token embedding table learns too slowly at the encoder's rate)."""
+    """Peak learning rate; default 5e-5 for pretrained weights, 2e-3 with --from_scratch."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.06
@@ -133,12 +129,6 @@ class TrainConfig:
         return DEFAULT_LR_FROM_SCRATCH if self.from_scratch else DEFAULT_LR_PRETRAINED
 
     @property
-    def effective_embedding_lr_scale(self) -> float:
-        if self.embedding_lr_scale is not None:
-            return self.embedding_lr_scale
-        return DEFAULT_EMBEDDING_LR_SCALE_FROM_SCRATCH if self.from_scratch else 1.0
-
-    @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
 
@@ -160,8 +150,6 @@ class TrainConfig:
         check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         check(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
-        check(self.embedding_lr_scale is None or self.embedding_lr_scale > 0,
-              f"embedding_lr_scale must be > 0 (got {self.embedding_lr_scale})")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
@@ -192,7 +180,6 @@ class TrainConfig:
         """Write the resolved configuration (effective lr filled in) as YAML."""
         resolved = self.to_dict()
         resolved["lr"] = self.effective_lr
-        resolved["embedding_lr_scale"] = self.effective_embedding_lr_scale
         resolved.pop("debug")
         # Written beside, then renamed: a reader never sees half a file.
         temporary = path.with_name(f".{path.name}.tmp")

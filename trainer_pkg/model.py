@@ -92,21 +92,17 @@ def build_model(config: TrainConfig, labels: list[str]) -> PreTrainedModel:
 
 
 def build_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights (the BERT recipe); the token
-    embeddings at their own learning rate (embedding_lr_scale)."""
-    embeddings = model.get_input_embeddings().weight
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
-        if parameter.requires_grad and parameter is not embeddings:
+        if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    lr = config.effective_lr
     groups = [
-        {"params": [embeddings], "weight_decay": config.weight_decay, "lr": lr * config.effective_embedding_lr_scale},
-        {"params": decay, "weight_decay": config.weight_decay, "lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
     fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=lr, fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=config.effective_lr, fused=fused or None, foreach=None if fused else True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig):
