@@ -624,3 +624,10 @@ def test_train_dataloader_covers_every_row_once(tmp_path, tok, group_by_length):
                   for row, mask in zip(b["input_ids"].tolist(), b["attention_mask"]))
     assert seen == sorted(tuple(ids) for ids in dataset["input_ids"])
     assert all(set(b) == {"input_ids", "attention_mask", "labels"} for b in batches)
+
+
+def test_explicit_train_and_test_files_make_data_irrelevant(tmp_path):
+    config = TrainConfig(data=str(tmp_path / "missing_dir"), train_file="a.tsv", test_file="b.jsonl")
+    assert source_files(config) == {"train": "a.tsv", "test": "b.jsonl"}
+    with pytest.raises(UserError, match="missing_dir"):
+        source_files(TrainConfig(data=str(tmp_path / "missing_dir"), train_file="a.tsv"))

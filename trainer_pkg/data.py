@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,9 @@ class DataReport:
 
 def source_files(config: TrainConfig) -> dict[str, str]:
     """Where each split comes from: a local path or a URL ('hub:ID' for a hub dataset)."""
-    sources = {}
+    explicit = {split: path for split, path in (("train", config.train_file), ("test", config.test_file)) if path}
+    if len(explicit) == 2:
+        return explicit
     if config.data == "nsmc":
         sources = dict(NSMC_URLS)
     elif Path(config.data).is_dir():
@@ -75,11 +78,7 @@ def source_files(config: TrainConfig) -> dict[str, str]:
         )
     else:
         sources = {split: f"hub:{config.data}" for split in ("train", "test")}
-    if config.train_file:
-        sources["train"] = config.train_file
-    if config.test_file:
-        sources["test"] = config.test_file
-    return sources
+    return {**sources, **explicit}
 
 
 def _is_remote(source: str) -> bool:
@@ -266,8 +265,6 @@ def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 def texts_dataset(source: str, text_column: str, id_column: str, cache_dir: str | None = None) -> Dataset:
     """Rows to predict from a TSV/CSV/JSONL file ('-' reads one text per line from stdin)."""
     if source == "-":
-        import sys
-
         texts = [line.rstrip("\r\n") for line in sys.stdin]
         return Dataset.from_dict({"text": texts})
     table = read_table(source, "predict", cache_dir)
