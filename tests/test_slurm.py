@@ -105,14 +105,22 @@ def test_preempted_job_requeues_resumes_and_matches(completed_run, tmp_path, tin
         assert time.time() < deadline, job_log(tmp_path, job)
         assert job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_log(tmp_path, job)
         time.sleep(0.1)
+    # First preemption: mid-training.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    info = wait_for(job, until=lambda i: i.get("Restarts") == "1" and i.get("JobState") in ("COMPLETED", "FAILED"))
+    # Second preemption: while the requeued job is still starting up (loading data). The signal is
+    # remembered and honoured at its first step.
+    deadline = time.time() + 300
+    while job_log(tmp_path, job).count("process(es) on cpu") < 2:
+        assert time.time() < deadline, job_log(tmp_path, job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_for(job, until=lambda i: i.get("Restarts") == "2" and i.get("JobState") in ("COMPLETED", "FAILED"))
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
-    assert "requeueing" in log and "restart 1" in log and "resumed from" in log
+    assert log.count("requeueing") == 2 and "restart 2" in log and log.count("resumed from") == 2
     state_log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
-    preempted = [r for r in state_log if r["kind"] == "preempted"]
-    assert len(preempted) == 1 and 20 <= preempted[0]["step"] < 126
+    preempted = [r["step"] for r in state_log if r["kind"] == "preempted"]
+    assert len(preempted) == 2 and 20 <= preempted[0] < preempted[1] < 126, preempted
     reference = json.loads((reference_dir / "metrics.json").read_text())
     resumed = json.loads((output_dir / "metrics.json").read_text())
     assert resumed["test"] == reference["test"]

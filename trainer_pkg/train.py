@@ -94,6 +94,9 @@ def run(config: TrainConfig) -> dict:
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout)
     fill_deepspeed_config(accelerator, config.max_grad_norm)
     console = RunConsole(enabled=accelerator.is_main_process)
+    # From here on a preemption signal is remembered, even while the data is still loading, and
+    # honoured at the first step boundary.
+    stop = StopRequest().install(multi_process=accelerator.num_processes > 1)
     set_seed(config.seed)
     output_dir = prepare_output_dir(config, accelerator)
     resume_from = resolve_resume(config)
@@ -171,7 +174,6 @@ def run(config: TrainConfig) -> dict:
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
     window_start, window_samples = time.time(), 0
-    stop = StopRequest().install(multi_process=accelerator.num_processes > 1)
     console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
     skip = state.batches_in_epoch
     for epoch in range(state.epoch, config.epochs):
