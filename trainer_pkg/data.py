@@ -126,7 +126,7 @@ def read_table(source: str, split: str, cache_dir: str | None = None) -> Dataset
         builder, options = "json", {}
     else:
         # NSMC texts contain quote characters: quoting must be off, and empty reviews must stay
-        # "" rather than NaN; dtype=str stops pandas guessing a numeric type per chunk.
+        # "" rather than NaN; the utf-8-sig encoding drops a byte-order mark from the header.
         delimiter = "," if suffix == ".csv" else "\t"
         builder = "csv"
         options = dict(delimiter=delimiter, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
@@ -209,17 +209,10 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
         return {"text": texts, "labels": ids}
 
     keep = [config.id_column] if config.id_column in columns else []
-    try:
-        cleaned = table.map(
-            clean, batched=True, with_indices=True, batch_size=10_000,
-            remove_columns=[c for c in columns if c not in keep],
-        )
-    except UserError:
-        raise
-    except Exception as error:  # datasets wraps errors raised inside map
-        if isinstance(error.__cause__, UserError) or isinstance(error.__context__, UserError):
-            raise (error.__cause__ or error.__context__) from None
-        raise
+    cleaned = table.map(
+        clean, batched=True, with_indices=True, batch_size=10_000,
+        remove_columns=[c for c in columns if c not in keep],
+    )
     if keep and config.id_column != "id":
         cleaned = cleaned.rename_column(config.id_column, "id")
     report.empty_texts[split] = sum(1 for text in cleaned["text"] if not text.strip())

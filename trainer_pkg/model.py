@@ -80,7 +80,7 @@ def build_model(config: TrainConfig, labels: list[str]) -> PreTrainedModel:
     local = Path(config.model)
     if local.is_dir() and not any((local / name).exists() for name in WEIGHT_FILES):
         raise UserError(
-            f"--model {config.model}: no weights there ({' or '.join(WEIGHT_FILES[:3:2])}); "
+            f"--model {config.model}: no weights there (model.safetensors or pytorch_model.bin); "
             "pass --from_scratch to train from a random initialisation of its config"
         )
     try:
