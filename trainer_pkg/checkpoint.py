@@ -114,6 +114,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainingState, scheduler, c
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    # Every rank has written its part (RNG state, ZeRO shards) before the directory is published.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
         config.save(temporary / CONFIG_FILE)
