@@ -12,14 +12,16 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers_tiny import FILLER_WORDS, synthetic_rows, write_nsmc_dir, write_tiny_model_dir
+from transformers import DataCollatorWithPadding
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.data import (
     NSMC_URLS,
     DataReport,
     LengthGroupedSampler,
+    PackedTokens,
+    TokenBudgetBatchSampler,
     check_and_clean,
-    collator,
     eval_dataloader,
     load_tokenized,
     read_table,
@@ -550,6 +552,40 @@ def test_length_grouped_sampler_seeding():
     assert list(LengthGroupedSampler(lengths, 8, seed=2, group=4)) != epoch0
 
 
+def test_token_budget_batches_cover_every_row_within_the_budget():
+    lengths = skewed_lengths(2000, seed=5)
+    budget = 512
+    sampler = TokenBudgetBatchSampler(lengths, budget, seed=3, group_rows=300)
+    batches = list(sampler)
+    assert len(sampler) == len(batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(2000))
+    for batch in batches:
+        width = -(-max(lengths[i] for i in batch) // 8) * 8
+        assert len(batch) * width <= budget or len(batch) == 1
+    sizes = {len(batch) for batch in batches}
+    assert max(sizes) > 4 * min(sizes)  # short texts do travel in larger batches
+    again = TokenBudgetBatchSampler(lengths, budget, seed=3, group_rows=300)
+    assert list(again) == batches
+    again.set_epoch(1)
+    assert list(again) != batches and sorted(i for b in again for i in b) == list(range(2000))
+
+
+def test_token_budget_dataloader_resumes_at_the_same_batches(tok):
+    """skip_first_batches after k batches gives exactly the batches k, k+1, ... of the epoch."""
+    from accelerate import Accelerator
+
+    texts = [text for _, text, _ in synthetic_rows(120, seed=9)]
+    config = TrainConfig(max_tokens_per_batch=96, seed=4)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(train_dataloader(token_dataset(tok, texts), tok, config))
+    loader.set_epoch(1)
+    full = [b["input_ids"] for b in loader]
+    skipped = [b["input_ids"] for b in accelerator.skip_first_batches(loader, 3)]
+    assert len(full) == len(loader) and len(skipped) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], skipped))
+    assert len({b.shape[0] for b in full}) > 1
+
+
 def test_length_grouped_sampler_cuts_padding():
     lengths = skewed_lengths(3000, seed=4)
     batch_size = 16
@@ -564,23 +600,21 @@ def test_length_grouped_sampler_cuts_padding():
     assert grouped >= sum(lengths)
 
 
-def test_collator_pads_to_multiple_of_8(tok):
-    words = single_token_words(tok)
-    texts = [words[0], " ".join(words[i % len(words)] for i in range(9)), " ".join(words[:2])]  # 3, 11, 4 tokens
-    features = [{**tok(text), "labels": i % 2} for i, text in enumerate(texts)]
-    for feature in features:
-        feature.pop("token_type_ids", None)
-    longest = max(len(f["input_ids"]) for f in features)
-    assert longest == 11
-    batch = collator(tok)(features)
-    width = batch["input_ids"].shape[1]
-    assert width % 8 == 0 and longest <= width < longest + 8
-    assert batch["attention_mask"].shape == batch["input_ids"].shape
-    assert batch["attention_mask"].sum(dim=1).tolist() == [len(f["input_ids"]) for f in features]
-    assert batch["labels"].tolist() == [0, 1, 0]
-    for row, feature in zip(batch["input_ids"].tolist(), features):
-        n = len(feature["input_ids"])
-        assert row[:n] == feature["input_ids"] and set(row[n:]) <= {tok.pad_token_id}
+def test_packed_batches_equal_the_transformers_collator(tok):
+    """PackedTokens pads like DataCollatorWithPadding(pad_to_multiple_of=8), also on a dataset
+    whose rows went through a split and a select (an indices mapping over the Arrow table)."""
+    texts = [text for _, text, _ in synthetic_rows(90, seed=4)]
+    full = token_dataset(tok, texts)
+    subset = full.train_test_split(test_size=20, seed=0)["train"].select(range(5, 60))
+    packed = PackedTokens(subset, tok.pad_token_id, with_row=True)
+    reference = DataCollatorWithPadding(tok, pad_to_multiple_of=8, return_tensors="pt")
+    for indices in ([0, 1, 2], [54, 3, 17, 17, 40], list(range(55))):
+        batch = packed.collate(indices)
+        expected = reference([{k: subset[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in indices])
+        assert batch["input_ids"].shape[1] % 8 == 0
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(batch[key], expected[key]), key
+        assert batch["row"].tolist() == indices
 
 
 def token_dataset(tok, texts: list[str]) -> Dataset:

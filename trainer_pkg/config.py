@@ -97,6 +97,11 @@ class TrainConfig:
     """Batch texts of similar length together (random order kept across batches) to cut padding."""
     num_workers: int = 0
     """Data-loader worker processes (0 loads batches in the training process)."""
+    max_tokens_per_batch: int = 0
+    """Fill each training batch up to this many padded tokens instead of a fixed row count (0: off,
+    use per_device_batch_size); short texts then travel in larger batches."""
+    compile: bool = False
+    """torch.compile the model (dynamic shapes: compiled once, not once per batch length)."""
 
     # --- evaluation, checkpoints, output ----------------------------------------------------
     output_dir: str = "runs/nsmc"
@@ -145,7 +150,7 @@ class TrainConfig:
         for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_length"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{name} must be >= 1 or unset (got {value})")
-        for name in ("eval_every", "save_every", "validation_size", "num_workers"):
+        for name in ("eval_every", "save_every", "validation_size", "num_workers", "max_tokens_per_batch"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
         check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")

@@ -27,24 +27,25 @@ def predict_logits(accelerator: Accelerator, model, dataloader, console: RunCons
         labels = batch.pop("labels", None)
         logits = model(**batch).logits.float()
         gathered = accelerator.gather_for_metrics((logits, rows) if labels is None else (logits, rows, labels))
-        parts["logits"].append(gathered[0].cpu())
-        parts["row"].append(gathered[1].cpu())
+        # Kept on the device until the end: a copy to the host per batch would sync every batch.
+        parts["logits"].append(gathered[0])
+        parts["row"].append(gathered[1])
         if labels is not None:
-            parts["labels"].append(gathered[2].cpu())
+            parts["labels"].append(gathered[2])
         if console is not None:
             console.advance()
     if console is not None:
         console.stop_progress()
     model.train()
-    rows = torch.cat(parts["row"]).numpy()
+    rows = torch.cat(parts["row"]).cpu().numpy()
     order = np.argsort(rows, kind="stable")
     expected = len(dataloader.dataset)
     if len(rows) != expected or not np.array_equal(rows[order], np.arange(expected)):
         # Never report metrics over the wrong rows: this would mean a sharding bug.
         raise RuntimeError(f"gathered {len(rows)} predictions for {expected} rows (duplicates or gaps)")
-    result = {"logits": torch.cat(parts["logits"]).numpy()[order], "row": rows[order]}
+    result = {"logits": torch.cat(parts["logits"]).cpu().numpy()[order], "row": rows[order]}
     if parts["labels"]:
-        result["labels"] = torch.cat(parts["labels"]).numpy()[order]
+        result["labels"] = torch.cat(parts["labels"]).cpu().numpy()[order]
     return result
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,6 +77,35 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
     return output_dir
 
 
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@dataclass
+class Throughput:
+    """Training throughput of this run (all processes), for the log and benchmarks/."""
+
+    started: float
+    samples: int = 0
+    tokens: float = 0.0
+    padded_tokens: float = 0.0
+
+    def add(self, samples: int, tokens: float, padded_tokens: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.padded_tokens += padded_tokens
+
+    def summary(self) -> dict:
+        seconds = time.time() - self.started
+        return {"seconds": seconds, "samples": self.samples, "tokens": int(self.tokens),
+                "padded_tokens": int(self.padded_tokens), "samples_per_s": self.samples / seconds,
+                "tokens_per_s": self.tokens / seconds, "padding_efficiency": self.tokens / max(self.padded_tokens, 1),
+                "peak_memory_gb": peak_memory_gb()}
+
+
 def window_scale(batch_index: int, num_batches: int, grad_accum: int) -> float:
     """grad_accum / (micro-batches in the accumulation window holding this batch)."""
     window_start = batch_index - batch_index % grad_accum
@@ -110,6 +141,10 @@ def run(config: TrainConfig) -> dict:
     # --- tokenizer and model (before the data: a bad model path should not wait for tokenizing)
     tokenizer = load_tokenizer(config.tokenizer_name)
     model = build_model(config, config.labels).to(accelerator.device)
+    if config.compile:
+        # In place (Module.compile): parameter names, checkpoints and the export stay those of the
+        # plain model. Batch lengths vary (multiples of 8): dynamic shapes compile once, not per length.
+        model.compile(dynamic=True)
 
     # --- data --------------------------------------------------------------------------------
     with accelerator.main_process_first():
@@ -135,7 +170,10 @@ def run(config: TrainConfig) -> dict:
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     scheduler = build_scheduler(optimizer, total_steps, config)
-    global_batch = config.per_device_batch_size * accelerator.num_processes * config.grad_accum
+    if config.max_tokens_per_batch:
+        global_batch = f"up to {config.max_tokens_per_batch * accelerator.num_processes * config.grad_accum:,} tokens"
+    else:
+        global_batch = f"{config.per_device_batch_size * accelerator.num_processes * config.grad_accum}"
     console.print(f"{total_steps:,} optimizer steps, global batch {global_batch}, {per_epoch:,} steps per epoch")
 
     state = TrainingState(num_processes=accelerator.num_processes)
@@ -172,8 +210,11 @@ def run(config: TrainConfig) -> dict:
     # --- train -------------------------------------------------------------------------------
     model.train()
     running_loss = torch.zeros((), device=accelerator.device)
-    running_batches = 0
+    # Real (unpadded) tokens stay on the device until the log interval: no host sync per step.
+    running_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    running_batches = padded_tokens = 0
     window_start, window_samples = time.time(), 0
+    throughput = Throughput(started=time.time())
     console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
     skip = state.batches_in_epoch
     for epoch in range(state.epoch, config.epochs):
@@ -194,6 +235,8 @@ def run(config: TrainConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             running_loss += loss.detach()
+            running_tokens += batch["attention_mask"].sum()
+            padded_tokens += batch["input_ids"].numel()
             running_batches += 1
             window_samples += batch["labels"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -205,7 +248,10 @@ def run(config: TrainConfig) -> dict:
 
             if state.optimizer_steps % config.log_every == 0 or state.optimizer_steps == total_steps:
                 # The only host sync of the step loop, once per log interval.
-                mean_loss = accelerator.reduce(running_loss / running_batches, "mean").item()
+                window = torch.stack([(running_loss / running_batches).double(), running_tokens,
+                                      torch.tensor(float(padded_tokens), device=accelerator.device, dtype=torch.float64)])
+                loss_sum, tokens, padded = accelerator.reduce(window, "sum").tolist()
+                mean_loss = loss_sum / accelerator.num_processes
                 if not math.isfinite(mean_loss):
                     raise UserError(
                         f"training loss became {mean_loss} by step {state.optimizer_steps}; lower --lr "
@@ -214,12 +260,15 @@ def run(config: TrainConfig) -> dict:
                 elapsed = time.time() - window_start
                 state.samples_seen += window_samples
                 rate = window_samples / elapsed if elapsed > 0 else 0.0
-                memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+                throughput.add(window_samples, tokens, padded)
                 log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss,
-                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, samples_seen=state.samples_seen, **memory)
+                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, tokens_per_s=tokens / max(elapsed, 1e-9),
+                          padding_efficiency=tokens / max(padded, 1), samples_seen=state.samples_seen,
+                          peak_memory_gb=peak_memory_gb())
                 console.advance(0, status=f"loss {mean_loss:.4f}  {rate:,.0f} samples/s")
                 running_loss.zero_()
-                running_batches, window_start, window_samples = 0, time.time(), 0
+                running_tokens.zero_()
+                running_batches, padded_tokens, window_start, window_samples = 0, 0, time.time(), 0
             if state.optimizer_steps >= total_steps:
                 break
             if stop.agreed():
@@ -243,6 +292,7 @@ def run(config: TrainConfig) -> dict:
                 else:
                     save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
     console.stop_progress()
+    log.write("train_summary", **throughput.summary())
     # Past the last step, finishing (evaluation, export) beats being requeued.
     stop.uninstall()
 
@@ -257,7 +307,9 @@ def run(config: TrainConfig) -> dict:
     if best != f"step-{state.optimizer_steps:08d}":
         console.print(f"loading the best checkpoint ({best}) for export")
         accelerator.load_state(str(checkpoints_dir(output_dir) / best))
+    test_started = time.time()
     test_metrics = evaluate_dataloader(accelerator, model, test_loader, len(config.labels), console, "test")
+    test_seconds = time.time() - test_started
     summary = {
         "best_checkpoint": best,
         "validation": state.best_validation,
@@ -266,7 +318,7 @@ def run(config: TrainConfig) -> dict:
         "data": {"rows": report.rows, "empty_texts": report.empty_texts, "truncated_texts": report.truncated_texts},
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
-    log.write("test", **test_metrics)
+    log.write("test", **test_metrics, seconds=test_seconds)
     console.metrics_table("test (best model)", test_metrics)
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
