@@ -116,8 +116,7 @@ def run(config: TrainConfig) -> dict:
         splits, report = load_tokenized(config, tokenizer, splits=("train", "test"))
     for line in report.lines():
         console.print(line)
-    log.write("data", **{"rows": report.rows, "empty_texts": report.empty_texts,
-                         "truncated_texts": report.truncated_texts})
+    log.write("data", **report.counts())
 
     # --- optimizer, schedule, placement -------------------------------------------------------
     optimizer = build_optimizer(model, config)
@@ -263,7 +262,7 @@ def run(config: TrainConfig) -> dict:
         "validation": state.best_validation,
         "test": test_metrics,
         "optimizer_steps": state.optimizer_steps,
-        "data": {"rows": report.rows, "empty_texts": report.empty_texts, "truncated_texts": report.truncated_texts},
+        "data": report.counts(),
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
     log.write("test", **test_metrics)
