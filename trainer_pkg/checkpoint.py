@@ -42,6 +42,8 @@ class TrainingState:
     num_processes: int = 1
     optimizer_steps: int = 0
     samples_seen: int = 0
+    skipped_non_finite: int = 0  # optimizer steps dropped by --nan_policy skip
+    skipped_overflow: int = 0  # fp16 steps the loss scaler skipped
     best_metric: float | None = None
     best_checkpoint: str | None = None
     best_validation: dict = field(default_factory=dict)

@@ -11,7 +11,6 @@ score it once on the test set.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from trainer_pkg.checkpoint import (
     TrainingState,
     checkpoints_dir,
     export_model,
+    latest_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
@@ -34,6 +34,7 @@ from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import evaluate_dataloader
 from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
+from trainer_pkg.numerics import NonFiniteWatch, gradient_norm, weights_are_finite
 from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
 # Keys that must match to continue a run in the same output directory.
@@ -90,9 +91,22 @@ def check_resumable(state: TrainingState, accelerator, checkpoint: Path) -> None
         )
 
 
+def diverged_error(config: TrainConfig, step: int | None, output_dir: Path) -> UserError:
+    latest = latest_checkpoint(output_dir)
+    kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
+    where = f"at step {step}" if step is not None else "(the weights are no longer finite)"
+    return UserError(
+        f"training diverged: a non-finite (NaN/inf) loss or gradient {where}; {kept}; lower --lr "
+        f"(now {config.effective_lr:g}), or pass --nan_policy skip to drop such steps"
+    )
+
+
 def run(config: TrainConfig) -> dict:
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout)
     fill_deepspeed_config(accelerator, config.max_grad_norm)
+    if config.nan_policy == "skip" and accelerator.state.deepspeed_plugin is not None:
+        raise UserError("--nan_policy skip: DeepSpeed steps its optimizer itself and cannot skip a step; "
+                        "use --nan_policy stop")
     console = RunConsole(enabled=accelerator.is_main_process)
     # From here on a preemption signal is remembered, even while the data is still loading, and
     # honoured at the first step boundary.
@@ -156,7 +170,20 @@ def run(config: TrainConfig) -> dict:
             state.num_processes = accelerator.num_processes
         console.print(f"resumed from {resume_from} (step {state.optimizer_steps}, epoch {state.epoch})")
 
+    watch = NonFiniteWatch(accelerator.device)
+
+    def require_finite() -> None:
+        """Before anything that trusts the weights (evaluation, a checkpoint). Call on all ranks."""
+        first_bad = watch.first_bad(accelerator)
+        if first_bad is not None or not weights_are_finite(accelerator, model):
+            raise diverged_error(config, first_bad, output_dir)
+
+    def checkpoint() -> None:
+        require_finite()
+        save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+
     def validate_and_checkpoint() -> None:
+        require_finite()
         metrics = evaluate_dataloader(accelerator, model, valid_loader, len(config.labels))
         metrics["step"] = state.optimizer_steps
         score = metrics[config.metric_for_best]
@@ -172,6 +199,9 @@ def run(config: TrainConfig) -> dict:
     model.train()
     running_loss = torch.zeros((), device=accelerator.device)
     running_batches = 0
+    # The window's losses join the running mean only if its step is applied.
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_batches = 0
     window_start, window_samples = time.time(), 0
     console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
     skip = state.batches_in_epoch
@@ -182,48 +212,71 @@ def run(config: TrainConfig) -> dict:
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         state.epoch, state.batches_in_epoch, skip = epoch, skip, 0
         for batch in batches:
+            skip_step = False
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                watch.observe(loss)
                 # Accelerate divides every loss by grad_accum; an epoch's last window may be
                 # shorter, and its gradient must still be a mean, not a fraction of one.
                 accelerator.backward(loss * window_scale(state.batches_in_epoch, len(train_loader), config.grad_accum))
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) \
+                        if config.max_grad_norm else None
+                    watch.observe(norm)
+                    if config.nan_policy == "skip" and accelerator.scaler is None:
+                        # The one host sync per step this policy costs (see trainer_pkg.numerics).
+                        skip_step = not torch.isfinite(norm if norm is not None else gradient_norm(model)).item()
+                if not skip_step:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
-            running_loss += loss.detach()
-            running_batches += 1
+            window_loss += loss.detach()
+            window_batches += 1
             window_samples += batch["labels"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            if not accelerator.optimizer_step_was_skipped:
+            # fp16: the loss scaler skips steps whose scaled gradients overflowed, and lowers the scale.
+            overflow = not skip_step and accelerator.optimizer_step_was_skipped
+            watch.close_window(state.optimizer_steps + 1, excused=skip_step or overflow)
+            if skip_step or overflow:
+                state.skipped_non_finite += skip_step
+                state.skipped_overflow += overflow
+            else:
                 scheduler.step()
+                running_loss += window_loss
+                running_batches += window_batches
+            window_loss.zero_()
+            window_batches = 0
             state.optimizer_steps += 1
             console.advance()
 
             if state.optimizer_steps % config.log_every == 0 or state.optimizer_steps == total_steps:
-                # The only host sync of the step loop, once per log interval.
-                mean_loss = accelerator.reduce(running_loss / running_batches, "mean").item()
-                if not math.isfinite(mean_loss):
-                    raise UserError(
-                        f"training loss became {mean_loss} by step {state.optimizer_steps}; lower --lr "
-                        f"(now {config.effective_lr:g}); the last checkpoint in {checkpoints_dir(output_dir)} is intact"
-                    )
+                # The only host syncs of the step loop (with --nan_policy stop), once per log interval.
+                first_bad = watch.first_bad(accelerator)
+                if first_bad is not None:
+                    raise diverged_error(config, first_bad, output_dir)
+                mean = running_loss / running_batches if running_batches else torch.full_like(running_loss, float("nan"))
+                mean_loss = accelerator.reduce(mean, "mean").item()
                 elapsed = time.time() - window_start
                 state.samples_seen += window_samples
                 rate = window_samples / elapsed if elapsed > 0 else 0.0
                 memory = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
-                log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss,
-                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, samples_seen=state.samples_seen, **memory)
-                console.advance(0, status=f"loss {mean_loss:.4f}  {rate:,.0f} samples/s")
+                skipped = {"skipped_non_finite": state.skipped_non_finite, "skipped_overflow": state.skipped_overflow}
+                # A window whose every step was skipped has no loss to report: null, not NaN.
+                log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss if running_batches else None,
+                          lr=scheduler.get_last_lr()[0], samples_per_s=rate, samples_seen=state.samples_seen,
+                          **skipped, **memory)
+                notes = "".join(f"  {count} steps skipped ({why})" for why, count in
+                                (("non-finite", state.skipped_non_finite), ("fp16 overflow", state.skipped_overflow)) if count)
+                shown = f"{mean_loss:.4f}" if running_batches else "n/a"
+                console.advance(0, status=f"loss {shown}  {rate:,.0f} samples/s{notes}")
                 running_loss.zero_()
                 running_batches, window_start, window_samples = 0, time.time(), 0
             if state.optimizer_steps >= total_steps:
                 break
             if stop.agreed():
                 console.stop_progress()
-                save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                checkpoint()
                 console.print(f"[yellow]signal {stop.received or 'on a peer'}: checkpoint at step "
                               f"{state.optimizer_steps} saved; exiting with {PREEMPTED_EXIT_CODE} to be resumed")
                 log.write("preempted", step=state.optimizer_steps)
@@ -232,7 +285,7 @@ def run(config: TrainConfig) -> dict:
             if valid_loader is not None and config.eval_every and state.optimizer_steps % config.eval_every == 0:
                 validate_and_checkpoint()
             elif config.save_every and state.optimizer_steps % config.save_every == 0:
-                save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                checkpoint()
         else:
             # A full pass: the saved position is the start of the next epoch.
             state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -240,7 +293,7 @@ def run(config: TrainConfig) -> dict:
                 if valid_loader is not None:
                     validate_and_checkpoint()
                 else:
-                    save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                    checkpoint()
     console.stop_progress()
     # Past the last step, finishing (evaluation, export) beats being requeued.
     stop.uninstall()
@@ -251,7 +304,10 @@ def run(config: TrainConfig) -> dict:
     if valid_loader is not None:
         validate_and_checkpoint()
     else:
-        save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+        checkpoint()
+    if state.skipped_non_finite or state.skipped_overflow:
+        console.print(f"[yellow]skipped optimizer steps: {state.skipped_non_finite} with a non-finite gradient "
+                      f"(--nan_policy skip), {state.skipped_overflow} fp16 overflows (the loss scaler lowered its scale)")
     best = state.best_checkpoint or f"step-{state.optimizer_steps:08d}"
     if best != f"step-{state.optimizer_steps:08d}":
         console.print(f"loading the best checkpoint ({best}) for export")
@@ -262,6 +318,7 @@ def run(config: TrainConfig) -> dict:
         "validation": state.best_validation,
         "test": test_metrics,
         "optimizer_steps": state.optimizer_steps,
+        "skipped_steps": {"non_finite": state.skipped_non_finite, "fp16_overflow": state.skipped_overflow},
         "data": report.counts(),
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
