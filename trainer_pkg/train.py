@@ -10,13 +10,16 @@ score it once on the test set.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from trainer_pkg.checkpoint import (
     CONFIG_FILE,
@@ -41,9 +44,87 @@ from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
 
 
-def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
-    """Refuse to mix two runs in one directory; write the resolved config."""
+LOCK_FILE = ".trainer_pkg.lock"
+# Open for the life of the process: the kernel drops the lock when the process ends, even by SIGKILL.
+_held_locks = []
+
+
+def lock_output_dir(output_dir: Path, accelerator) -> None:
+    """One run at a time per output directory, or two runs would overwrite each other's checkpoints."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            handle = (output_dir / LOCK_FILE).open("a+", encoding="utf-8")
+        except OSError as error:
+            problem = f"--output_dir {output_dir}: cannot write there ({error.strerror})"
+        else:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                problem = (f"{output_dir} is in use by another run ({holder}); wait for it to end, "
+                           "or choose another --output_dir")
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                handle.flush()
+                _held_locks.append(handle)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+
+
+def resume_problem(saved: TrainConfig | None, state: TrainingState, config: TrainConfig, num_processes: int,
+                   deepspeed: bool) -> str | None:
+    """Why a checkpoint cannot continue under this configuration, or None."""
+    if saved is not None:
+        changed = [k for k in RUN_IDENTITY if getattr(saved, k) != getattr(config, k)]
+        if changed:
+            key = changed[0]
+            return (f"saved by a run with another {', '.join(changed)} ({key} was {getattr(saved, key)!r}, now "
+                    f"{getattr(config, key)!r}); resume with the same settings, or export it and start a new run "
+                    "with --model EXPORT")
+    if deepspeed and state.num_processes != num_processes:
+        return (f"saved by {state.num_processes} DeepSpeed processes, now {num_processes}; ZeRO shards cannot be "
+                f"re-split: resume with {state.num_processes} processes, or convert with "
+                "`python -m trainer_pkg.export CHECKPOINT DIR` and start a new run with --model DIR")
+    if saved is None:
+        return None
+    if deepspeed:
+        before = saved.per_device_batch_size * state.num_processes * saved.grad_accum
+        now = config.per_device_batch_size * num_processes * config.grad_accum
+        if before != now:
+            return (f"a ZeRO checkpoint of global batch {before} (per-device {saved.per_device_batch_size} x "
+                    f"{state.num_processes} processes x accumulation {saved.grad_accum}), now {now}: DeepSpeed keeps "
+                    "the batch in its state; resume with the same --per_device_batch_size and --grad_accum")
+    if state.batches_in_epoch and saved.per_device_batch_size != config.per_device_batch_size:
+        return (f"saved mid-epoch with --per_device_batch_size {saved.per_device_batch_size}, and the position in "
+                f"the epoch counts those batches; resume with --per_device_batch_size {saved.per_device_batch_size}")
+    return None
+
+
+def check_resumable(config: TrainConfig, checkpoint: Path, accelerator) -> None:
+    saved = config_from_file(checkpoint / CONFIG_FILE) if (checkpoint / CONFIG_FILE).is_file() else None
+    problem = resume_problem(saved, TrainingState.read(checkpoint), config, accelerator.num_processes,
+                             accelerator.state.deepspeed_plugin is not None)
+    if problem:
+        raise UserError(f"--resume {checkpoint}: {problem}")
+
+
+def prepare_output_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
+    """Refuse to mix two runs in one directory or to resume what cannot continue; write the resolved config.
+
+    Everything is checked before anything is written: a refused run leaves the directory as it was.
+    """
     output_dir = Path(config.output_dir)
+    lock_output_dir(output_dir, accelerator)
+    resume_from = resolve_resume(config)
+    if resume_from is not None:
+        check_resumable(config, resume_from, accelerator)
     saved = output_dir / CONFIG_FILE
     # A run that stopped before its first checkpoint left nothing worth protecting.
     holds_work = any(checkpoints_dir(output_dir).glob("step-*")) or (output_dir / "model").exists()
@@ -73,22 +154,13 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
         except OSError as error:
             raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
     accelerator.wait_for_everyone()
-    return output_dir
+    return output_dir, resume_from
 
 
 def window_scale(batch_index: int, num_batches: int, grad_accum: int) -> float:
     """grad_accum / (micro-batches in the accumulation window holding this batch)."""
     window_start = batch_index - batch_index % grad_accum
     return grad_accum / min(grad_accum, num_batches - window_start)
-
-
-def check_resumable(state: TrainingState, accelerator, checkpoint: Path) -> None:
-    if state.num_processes != accelerator.num_processes and accelerator.state.deepspeed_plugin is not None:
-        raise UserError(
-            f"--resume {checkpoint}: saved by {state.num_processes} DeepSpeed processes, now {accelerator.num_processes}; "
-            f"ZeRO shards cannot be re-split: resume with {state.num_processes} processes, or convert with "
-            f"`python -m trainer_pkg.export {checkpoint} DIR` and start a new run with --model DIR"
-        )
 
 
 def diverged_error(config: TrainConfig, step: int | None, output_dir: Path) -> UserError:
@@ -112,8 +184,7 @@ def run(config: TrainConfig) -> dict:
     # honoured at the first step boundary.
     stop = StopRequest().install(multi_process=accelerator.num_processes > 1)
     set_seed(config.seed)
-    output_dir = prepare_output_dir(config, accelerator)
-    resume_from = resolve_resume(config)
+    output_dir, resume_from = prepare_output_dir(config, accelerator)
     log = JsonlLog(output_dir / "log.jsonl" if accelerator.is_main_process else None)
     console.rule(f"trainer_pkg: {config.model} -> {output_dir}")
     console.print(
@@ -154,7 +225,6 @@ def run(config: TrainConfig) -> dict:
     state = TrainingState(num_processes=accelerator.num_processes)
     if resume_from is not None:
         state = TrainingState.read(resume_from)
-        check_resumable(state, accelerator, resume_from)
         if resume_from.resolve().parent != checkpoints_dir(output_dir).resolve():
             # The best checkpoint of another directory is not ours to export: track a new best.
             state.best_metric, state.best_checkpoint, state.best_validation = None, None, {}
