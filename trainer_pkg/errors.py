@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -54,10 +55,30 @@ def cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         where = f"{error.filename}: " if error.filename else ""
         _exit_with(f"error: {where}{error.strerror} (disk full or no permission?); free space or fix the permissions "
                    "(--debug shows where it happened)")
+    except RuntimeError as error:
+        if debug or not lost_a_peer(error):
+            raise
+        reason = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\] ", "", " ".join(str(error).split())).split(". ")[0]
+        _exit_with(f"error: lost contact with another process of this {os.environ.get('WORLD_SIZE')}-process job "
+                   f"({reason[:160]}); it died or hung (--dist_timeout bounds the wait): see its output, fix the cause "
+                   "and --resume from the last checkpoint")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+# What gloo and NCCL say when a peer process died (reset, closed) or hung (timed out).
+PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out", "Broken pipe",
+                        "NCCL communicator was aborted", "Socket Timeout")
+
+
+def lost_a_peer(error: RuntimeError) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_FAILURE_MARKERS)
 
 
 def _exit_with(message: str) -> None:

@@ -182,7 +182,7 @@ def run(config: TrainConfig) -> dict:
     console = RunConsole(enabled=accelerator.is_main_process)
     # From here on a preemption signal is remembered, even while the data is still loading, and
     # honoured at the first step boundary.
-    stop = StopRequest().install(multi_process=accelerator.num_processes > 1)
+    stop = StopRequest().install(multi_process=accelerator.num_processes > 1, timeout_s=config.dist_timeout)
     set_seed(config.seed)
     output_dir, resume_from = prepare_output_dir(config, accelerator)
     log = JsonlLog(output_dir / "log.jsonl" if accelerator.is_main_process else None)
