@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -113,6 +114,16 @@ def check_resumable(config: TrainConfig, checkpoint: Path, accelerator) -> None:
                              accelerator.state.deepspeed_plugin is not None)
     if problem:
         raise UserError(f"--resume {checkpoint}: {problem}")
+
+
+def load_checkpoint_state(accelerator, checkpoint: Path) -> None:
+    """Accelerate's load_state: torch.load with weights_only=True, so a pickle that would run code is refused."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"{checkpoint}: cannot load the checkpoint ({type(error).__name__}: {reason}); "
+                        "resume from another checkpoint") from error
 
 
 def prepare_output_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
@@ -228,7 +239,7 @@ def run(config: TrainConfig) -> dict:
         if resume_from.resolve().parent != checkpoints_dir(output_dir).resolve():
             # The best checkpoint of another directory is not ours to export: track a new best.
             state.best_metric, state.best_checkpoint, state.best_validation = None, None, {}
-        accelerator.load_state(str(resume_from))
+        load_checkpoint_state(accelerator, resume_from)
         scheduler.load_state_dict(state.scheduler)
         if state.num_processes != accelerator.num_processes:
             # Rank r reads global batches r, r+n, ...: the first k*n global batches are done.
@@ -381,7 +392,7 @@ def run(config: TrainConfig) -> dict:
     best = state.best_checkpoint or f"step-{state.optimizer_steps:08d}"
     if best != f"step-{state.optimizer_steps:08d}":
         console.print(f"loading the best checkpoint ({best}) for export")
-        accelerator.load_state(str(checkpoints_dir(output_dir) / best))
+        load_checkpoint_state(accelerator, checkpoints_dir(output_dir) / best)
     test_metrics = evaluate_dataloader(accelerator, model, test_loader, len(config.labels), console, "test")
     summary = {
         "best_checkpoint": best,
