@@ -12,13 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_module
+from conftest import run_commands, run_module
 from helpers_tiny import synthetic_rows
 
 ROWS = synthetic_rows(48, seed=3)
@@ -163,10 +161,6 @@ CASES = [
 ]
 
 
-def job(name: str, module: str, *args) -> dict:
-    return {"name": name, "module": module, "args": [str(a) for a in args], "cwd": str(REPO)}
-
-
 def train_args(model: Path, output_dir: Path, train_file: Path, test_file: Path) -> list:
     return ["--model", model, "--from_scratch", "--train_file", train_file, "--test_file", test_file,
             "--output_dir", output_dir, "--validation_size", "8", "--per_device_batch_size", "16",
@@ -194,23 +188,24 @@ def results(corpus, tiny_model, cache_env, tmp_path_factory) -> dict:
     """Every command of the table, run once: train as train file, train as test file, evaluate."""
     runs = tmp_path_factory.mktemp("bad_input_runs")
     export = runs / "export_run"
-    jobs = [job("export", "trainer_pkg.train", *train_args(tiny_model, export, corpus["clean"], corpus["clean_test"])),
-            job("evaluate_clean", "trainer_pkg.evaluate", export / "model", "--test_file", corpus["clean"],
-                "--output", runs / "evaluate_clean.json"),
-            job("train_clean", "trainer_pkg.train",
-                *train_args(tiny_model, runs / "train_clean", corpus["clean"], corpus["clean_test"]))]
+    # In order: the export exists before evaluate needs it.
+    commands = {
+        "export": ["trainer_pkg.train", *train_args(tiny_model, export, corpus["clean"], corpus["clean_test"])],
+        "evaluate_clean": ["trainer_pkg.evaluate", export / "model", "--test_file", corpus["clean"],
+                           "--output", runs / "evaluate_clean.json"],
+        "train_clean": ["trainer_pkg.train",
+                        *train_args(tiny_model, runs / "train_clean", corpus["clean"], corpus["clean_test"])],
+    }
     for case in CASES:
         path = corpus[case.name]
-        jobs.append(job(f"train_{case.name}", "trainer_pkg.train",
-                        *train_args(tiny_model, runs / f"train_{case.name}", path, corpus["clean_test"])))
-        jobs.append(job(f"test_{case.name}", "trainer_pkg.train",
-                        *train_args(tiny_model, runs / f"test_{case.name}", corpus["clean"], path)))
-        jobs.append(job(f"evaluate_{case.name}", "trainer_pkg.evaluate", export / "model", "--test_file", path,
-                        "--output", runs / f"evaluate_{case.name}.json"))
-    (runs / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
-    subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py"), runs / "jobs.json", runs / "results.json"],
-                   env=cache_env, cwd=REPO, check=True, timeout=900)
-    outcome = json.loads((runs / "results.json").read_text(encoding="utf-8"))
+        commands[f"train_{case.name}"] = ["trainer_pkg.train", *train_args(
+            tiny_model, runs / f"train_{case.name}", path, corpus["clean_test"])]
+        commands[f"test_{case.name}"] = ["trainer_pkg.train", *train_args(
+            tiny_model, runs / f"test_{case.name}", corpus["clean"], path)]
+        commands[f"evaluate_{case.name}"] = ["trainer_pkg.evaluate", export / "model", "--test_file", path,
+                                             "--output", runs / f"evaluate_{case.name}.json"]
+    outcome = {name: {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+               for name, r in run_commands(commands, cache_env, runs / "commands").items()}
     for name in ("export", "evaluate_clean", "train_clean"):
         assert outcome[name]["returncode"] == 0, outcome[name]["stderr"][-3000:]
     return {"runs": runs, **outcome}
