@@ -13,6 +13,8 @@ the all-reduced gradients, so every rank takes the same decision.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -21,10 +23,16 @@ class NonFiniteWatch:
         self.window_bad = torch.zeros((), dtype=torch.bool, device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
-    def observe(self, value: torch.Tensor | None) -> None:
+    def observe(self, value: torch.Tensor | float | None) -> None:
         """A loss or gradient norm of the current accumulation window (no host sync)."""
-        if value is not None:
-            self.window_bad |= ~torch.isfinite(value.detach()).all()
+        if value is None:
+            return
+        if not isinstance(value, torch.Tensor):
+            # DeepSpeed hands back its gradient norm as a Python float: already on the host.
+            if not math.isfinite(value):
+                self.window_bad.fill_(True)
+            return
+        self.window_bad |= ~torch.isfinite(value.detach()).all()
 
     def close_window(self, step: int, excused: bool) -> None:
         """End of an optimizer step; `excused`: the step was skipped, its non-finite values never applied."""

@@ -306,7 +306,7 @@ def run(config: TrainConfig) -> dict:
                     watch.observe(norm)
                     if config.nan_policy == "skip" and accelerator.scaler is None:
                         # The one host sync per step this policy costs (see trainer_pkg.numerics).
-                        skip_step = not torch.isfinite(norm if norm is not None else gradient_norm(model)).item()
+                        skip_step = not torch.isfinite(torch.as_tensor(norm if norm is not None else gradient_norm(model))).item()
                 if not skip_step:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
