@@ -3,6 +3,7 @@ a subprocess runner for the command-line entry points, and the ../shared materia
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,24 @@ def run_module(module: str, *args: str, env: dict[str, str], timeout: float = 60
         raise AssertionError(f"{module} exited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}"
                              f"\n--- stderr\n{result.stderr[-5000:]}")
     return result
+
+
+def run_commands(commands: dict[str, list], env: dict[str, str], scratch: Path,
+                 timeout: float = 900) -> dict[str, subprocess.CompletedProcess]:
+    """{name: [module, *args]} run as separate processes by tests/cli_batch.py, importing once.
+
+    For many short commands (errors found while loading): each is `python -m module args` from
+    the import on, with its own exit code and output, for a fraction of a cold start.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    jobs = [{"name": name, "module": module, "args": [str(a) for a in args], "cwd": str(REPO)}
+            for name, (module, *args) in commands.items()]
+    (scratch / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py"), scratch / "jobs.json",
+                    scratch / "results.json"], env=env, cwd=REPO, check=True, timeout=timeout)
+    results = json.loads((scratch / "results.json").read_text(encoding="utf-8"))
+    return {name: subprocess.CompletedProcess(commands[name], r["returncode"], r["stdout"], r["stderr"])
+            for name, r in results.items()}
 
 
 def tiny_train_args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:

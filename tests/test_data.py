@@ -338,7 +338,7 @@ def test_ragged_row_is_a_user_error(tmp_path, nsmc, tok):
     rows = raw_rows(path)
     rows[10] = [rows[10][0], "a\ttab inside", rows[10][2]]  # one field too many
     write_tsv(path, rows[1:])
-    with pytest.raises(UserError, match=r"ratings_train\.txt: cannot parse as CSV"):
+    with pytest.raises(UserError, match=r"ratings_train\.txt line 11: 4 tab-separated fields, the header has 3"):
         load_tokenized(make_config(tmp_path, nsmc), tok)
 
 

@@ -1,49 +1,147 @@
-"""Exact resume: a run killed (SIGKILL) mid-epoch and resumed with --resume ends with the same
-weights and metrics as the same run left alone."""
+"""Exact resume: a run killed (SIGKILL) and resumed with --resume ends with the same weights and
+metrics as the same run left alone, wherever the kill lands: mid-epoch after a checkpoint,
+between two steps, during an evaluation, or in the middle of writing a checkpoint.
+
+The moments are found by watching the files the run writes (log.jsonl records, checkpoint
+directories), never by sleeping."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from conftest import REPO, run_module, tiny_train_args
 from safetensors.torch import load_file
 
+# 1000 training rows, batch 8 x accumulation 2: 63 steps per epoch, 126 in all. Small evaluation
+# batches make an evaluation last long enough (about 50 forward passes) to be caught in the act.
+EXTRA = ["--epochs", "2", "--eval_every", "40", "--save_every", "7", "--per_device_batch_size", "8",
+         "--grad_accum", "2", "--eval_batch_size", "4"]
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_model, tiny_nsmc, cache_env):
-    extra = ["--epochs", "2", "--eval_every", "40", "--save_every", "7", "--per_device_batch_size", "8",
-             "--grad_accum", "2"]
-    reference = tmp_path / "reference"
-    run_module("trainer_pkg.train", *tiny_train_args(tiny_model, tiny_nsmc, reference, *extra), env=cache_env)
 
-    interrupted = tmp_path / "interrupted"
-    args = tiny_train_args(tiny_model, tiny_nsmc, interrupted, *extra)
-    process = subprocess.Popen([sys.executable, "-m", "trainer_pkg.train", *args], env=cache_env, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = interrupted / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    # Kill once a mid-epoch checkpoint (past the first one) is published.
-    while time.time() < deadline and process.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step-00000014":
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "model").exists(), "the run finished before it could be killed"
-    resumed_from = json.loads((interrupted / "checkpoints" / latest.read_text().strip() / "trainer_state.json").read_text())
-    assert 0 < resumed_from["batches_in_epoch"] < 125, resumed_from
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, tiny_nsmc, cache_env) -> Path:
+    output_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_module("trainer_pkg.train", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, *EXTRA), env=cache_env)
+    return output_dir
 
-    run_module("trainer_pkg.train", *args, "--resume", env=cache_env)
 
+def assert_same_result(reference: Path, resumed: Path) -> None:
     expected = load_file(reference / "model" / "model.safetensors")
-    actual = load_file(interrupted / "model" / "model.safetensors")
+    actual = load_file(resumed / "model" / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
         assert (expected[name] == actual[name]).all(), name
     reference_metrics = json.loads((reference / "metrics.json").read_text())
-    resumed_metrics = json.loads((interrupted / "metrics.json").read_text())
+    resumed_metrics = json.loads((resumed / "metrics.json").read_text())
     assert resumed_metrics["test"] == reference_metrics["test"]
     assert resumed_metrics["validation"] == reference_metrics["validation"]
+    assert resumed_metrics["best_checkpoint"] == reference_metrics["best_checkpoint"]
+
+
+def start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "trainer_pkg.train", *map(str, args)], env=env, cwd=REPO,
+                                stdout=log, stderr=log)
+
+
+def wait_until(process: subprocess.Popen, condition, timeout: float = 300, interval: float = 0.005) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment to kill it came"
+        assert time.time() < deadline, "timed out waiting for the moment to kill the run"
+        time.sleep(interval)
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def log_records(output_dir: Path, kind: str) -> list[dict]:
+    path = output_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line being written right now
+            continue
+        if record["kind"] == kind:
+            records.append(record)
+    return records
+
+
+def latest(output_dir: Path) -> str:
+    return (output_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(reference, tmp_path, tiny_model, tiny_nsmc, cache_env):
+    interrupted = tmp_path / "interrupted"
+    args = tiny_train_args(tiny_model, tiny_nsmc, interrupted, *EXTRA)
+    process = start(args, cache_env, tmp_path / "run.log")
+    # Kill once a mid-epoch checkpoint (past the first one) is published.
+    pointer = interrupted / "checkpoints" / "latest"
+    wait_until(process, lambda: pointer.is_file() and pointer.read_text().strip() >= "step-00000014", interval=0.02)
+    kill(process)
+    assert not (interrupted / "model").exists(), "the run finished before it could be killed"
+    resumed_from = json.loads((interrupted / "checkpoints" / latest(interrupted) / "trainer_state.json").read_text())
+    assert 0 < resumed_from["batches_in_epoch"] < 125, resumed_from
+
+    run_module("trainer_pkg.train", *args, "--resume", env=cache_env)
+    assert_same_result(reference, interrupted)
+
+
+def test_killed_between_steps_during_evaluation_and_while_saving(reference, tmp_path, tiny_model, tiny_nsmc,
+                                                                  cache_env):
+    output_dir = tmp_path / "run"
+    checkpoints = output_dir / "checkpoints"
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, *EXTRA)
+    run_log = tmp_path / "run.log"
+
+    # 1. Between two steps: step 20 is logged, checkpoints come at 14 and 21.
+    process = start(args, cache_env, run_log)
+    wait_until(process, lambda: any(r["step"] >= 20 for r in log_records(output_dir, "train")))
+    kill(process)
+    assert latest(output_dir) == "step-00000014"
+
+    # 2. During an evaluation: step 40 is logged, its evaluation runs, and its record comes after.
+    process = start([*args, "--resume"], cache_env, run_log)
+    wait_until(process, lambda: any(r["step"] == 40 for r in log_records(output_dir, "train")))
+    kill(process)
+    assert not [r for r in log_records(output_dir, "validation") if r["step"] == 40], "killed after the evaluation"
+    assert not (checkpoints / ".tmp-step-00000040").exists() and latest(output_dir) == "step-00000035"
+
+    # 3. While a checkpoint is being written: freeze the run the moment its temporary directory
+    # appears; kill it if the directory is still incomplete, else let it go on to the next one.
+    process = start([*args, "--resume"], cache_env, run_log)
+    caught = None
+    deadline = time.time() + 300
+    while caught is None:
+        assert process.poll() is None and time.time() < deadline, "no checkpoint write was caught"
+        partial = list(checkpoints.glob(".tmp-step-*"))
+        if not partial:
+            time.sleep(0.001)
+            continue
+        process.send_signal(signal.SIGSTOP)
+        if partial[0].is_dir() and not (partial[0] / "trainer_state.json").exists():
+            caught = partial[0]
+        else:
+            process.send_signal(signal.SIGCONT)
+            wait_until(process, lambda: not partial[0].exists())
+    kill(process)
+    assert caught.is_dir() and not (caught / "trainer_state.json").exists()
+    assert latest(output_dir) < caught.name.removeprefix(".tmp-")  # never published
+
+    # 4. To the end.
+    run_module("trainer_pkg.train", *args, "--resume", env=cache_env)
+    assert_same_result(reference, output_dir)
+    assert not list(checkpoints.glob(".tmp-*")) and not list(checkpoints.glob(".trash-*"))
+    assert os.listdir(checkpoints)

@@ -102,6 +102,9 @@ class TrainConfig:
     use per_device_batch_size); short texts then travel in larger batches."""
     compile: bool = False
     """torch.compile the model (dynamic shapes: compiled once, not once per batch length)."""
+    nan_policy: str = "stop"
+    """What a non-finite (NaN/inf) loss or gradient does: 'stop' (a one-line error naming the step; no
+    checkpoint is written from such weights) or 'skip' (drop that optimizer step, count and report it)."""
 
     # --- evaluation, checkpoints, output ----------------------------------------------------
     output_dir: str = "runs/nsmc"
@@ -158,6 +161,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
+        check(self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip (got {self.nan_policy!r})")
         check(
             self.mixed_precision in ("auto", "no", "bf16", "fp16"),
             f"mixed_precision must be one of auto, no, bf16, fp16 (got {self.mixed_precision!r})",

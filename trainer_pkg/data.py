@@ -4,11 +4,13 @@ Sources: the original NSMC TSVs (GitHub URLs, the default), a local directory ho
 ratings_train.txt / ratings_test.txt, explicit TSV/CSV/JSONL files, or a hub dataset id.
 Every file is read with `datasets` (so downloads and tokenization are cached on disk) and checked
 row by row: an unknown label stops the run with the file and line; an empty text is kept as ""
-and counted.
+and counted. Local files are first scanned line by line (`scan_local_file`) for what the parsers
+report without a line number or not at all. README "Bad input" lists every case and its outcome.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
@@ -47,19 +49,38 @@ class DataReport:
     empty_texts: dict[str, int] = field(default_factory=dict)
     truncated_texts: dict[str, int] = field(default_factory=dict)
     tokenized_from_cache: dict[str, bool] = field(default_factory=dict)
+    duplicate_ids: dict[str, int] = field(default_factory=dict)
+    blank_lines: dict[str, int] = field(default_factory=dict)
+    ignored_columns: dict[str, list[str]] = field(default_factory=dict)
+    missing_classes: dict[str, list[str]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         lines = []
+        # The validation split is carved from the training file: its file-level notes are train's.
         for split, count in self.rows.items():
             notes = []
             if self.empty_texts.get(split):
                 notes.append(f"{self.empty_texts[split]} empty texts kept")
             if self.truncated_texts.get(split):
                 notes.append(f"{self.truncated_texts[split]} texts truncated")
+            if self.duplicate_ids.get(split):
+                notes.append(f"{self.duplicate_ids[split]} duplicate ids kept")
+            if self.blank_lines.get(split):
+                notes.append(f"{self.blank_lines[split]} blank lines skipped")
+            if self.ignored_columns.get(split):
+                notes.append(f"columns ignored: {', '.join(self.ignored_columns[split])}")
+            if self.missing_classes.get(split):
+                notes.append(f"no rows of class {', '.join(map(repr, self.missing_classes[split]))}")
             if self.tokenized_from_cache.get(split):
                 notes.append("tokenized data from cache")
             lines.append(f"{split}: {count:,} rows" + (f" ({', '.join(notes)})" if notes else ""))
         return lines
+
+    def counts(self) -> dict:
+        """The handled problems, per split, for log.jsonl and metrics.json."""
+        return {"rows": self.rows, "empty_texts": self.empty_texts, "truncated_texts": self.truncated_texts,
+                "duplicate_ids": self.duplicate_ids, "blank_lines": self.blank_lines,
+                "ignored_columns": self.ignored_columns, "missing_classes": self.missing_classes}
 
 
 def source_files(config: TrainConfig) -> dict[str, str]:
@@ -106,7 +127,121 @@ LOCAL_DATA_HINT = (
 )
 
 
-def read_table(source: str, split: str, cache_dir: str | None = None) -> Dataset:
+UTF8_HINT = "save it as UTF-8 (a CP949/EUC-KR file converts with: iconv -f cp949 -t utf-8 IN > OUT)"
+
+
+@dataclass
+class FileScan:
+    data_rows: int = 0
+    blank_lines: int = 0
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without the line ending) of a local file, stopping at bytes that are not UTF-8."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad = raw[error.start:error.start + 1].hex()
+                raise UserError(f"{path} line {number}: byte {error.start + 1} (0x{bad}) is not UTF-8; {UTF8_HINT}") from None
+            yield number, text.removesuffix("\n").removesuffix("\r")
+
+
+def scan_local_file(path: Path, kind: str, delimiter: str = "\t") -> FileScan:
+    """One pass over a local file for the problems the parsers report without a line, or not at all.
+
+    Not UTF-8 (pandas names a byte offset, pyarrow a buffer position); a row with more or fewer
+    fields than the header (a tab or a newline inside a TSV text: pandas would shift the row or
+    blame its label); a carriage return inside a field (pandas ends the row there); a JSON line
+    that does not parse. Blank lines are counted: the parsers skip them.
+    """
+    scan = FileScan()
+    if kind == "json":
+        # A .json file may hold one array over many lines: only its encoding is checked here.
+        per_line = path.suffix.lower() == ".jsonl"
+        for number, text in _decoded_lines(path):
+            if not text.strip():
+                scan.blank_lines += 1
+                continue
+            scan.data_rows += 1
+            if not per_line:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); "
+                                "JSONL needs one complete object per line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {number}: expected a JSON object per line, got {type(record).__name__}")
+        return scan
+    lines = _decoded_lines(path)
+    header = next(lines, (1, ""))[1]
+    expected = len(_split_fields(header, delimiter))
+    trailing_blank = 0
+    for number, text in lines:
+        if not text:
+            trailing_blank += 1
+            continue
+        # A blank line followed by more rows is counted; blank lines at the end are just the file's end.
+        scan.blank_lines, trailing_blank = scan.blank_lines + trailing_blank, 0
+        if "\r" in text:
+            raise UserError(f"{path} line {number}: a carriage return (\\r) inside a field ends the row early; "
+                            "remove it from the text")
+        if delimiter == "," and '"' in text:
+            # A quoted CSV field may hold the delimiter or span lines: leave those rows to the CSV parser.
+            scan.data_rows += 1
+            continue
+        found = len(_split_fields(text, delimiter))
+        if found != expected:
+            cause = "a tab inside a text" if found > expected else "a line break inside a text, or a missing field"
+            name = "tab" if delimiter == "\t" else "comma"
+            raise UserError(f"{path} line {number}: {found} {name}-separated fields, the header has {expected} "
+                            f"({cause}?); fix the row")
+        scan.data_rows += 1
+    return scan
+
+
+def _split_fields(line: str, delimiter: str) -> list[str]:
+    if delimiter == "\t":
+        return line.split("\t")
+    return next(csv.reader([line], delimiter=delimiter), [])
+
+
+def line_of_row(source: str, index: int) -> int:
+    """The line of data row `index` (0-based) in a local file, counting the header and blank lines.
+
+    The parsers skip blank lines, so row index + 2 can be wrong. Only called to word an error:
+    reading the file again costs nothing that matters then.
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        # A quoted field may span lines: let the csv module count them.
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
+            reader = csv.reader(file)
+            next(reader, None)
+            previous_end = reader.line_num
+            for row_index, row in enumerate(row for row in reader if row):
+                if row_index == index:
+                    return previous_end + 1
+                previous_end = reader.line_num
+        return index + 2
+    json_file = suffix in (".json", ".jsonl")
+    rows_seen = 0 if json_file else -1  # a TSV's first line is the header, not a row
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not (raw.strip() if json_file else raw.rstrip(b"\r\n")):
+                continue
+            if rows_seen == index:
+                return number
+            rows_seen += 1
+    return index + (1 if json_file else 2)
+
+
+def read_table(source: str, split: str, cache_dir: str | None = None, report: DataReport | None = None) -> Dataset:
     """Read one file (or URL, or hub split) as a Dataset of strings, with clear errors."""
     if _is_remote(source) and not _download_cached(source, cache_dir):
         require_download(f"the {split} data", source.removeprefix("hub:"), LOCAL_DATA_HINT)
@@ -117,11 +252,20 @@ def read_table(source: str, split: str, cache_dir: str | None = None) -> Dataset
             raise UserError(_offline_hint(source) + f" [{type(error).__name__}]") from None
     if not _is_remote(source):
         path = Path(source)
+        if path.is_dir():
+            raise UserError(f"{split} file {source} is a directory; pass a TSV/CSV/JSONL file")
         if not path.is_file():
             raise UserError(f"{split} file not found: {source}")
         if path.stat().st_size == 0:
             raise UserError(f"{source}: file is empty (expected a header line and rows)")
     suffix = Path(source.split("?")[0]).suffix.lower()
+    if not _is_remote(source):
+        kind = "json" if suffix in (".json", ".jsonl") else "csv"
+        scan = scan_local_file(path, kind, "," if suffix == ".csv" else "\t")
+        if scan.data_rows == 0:
+            raise UserError(f"{source}: no data rows" + ("" if kind == "json" else " (only a header line)"))
+        if report is not None:
+            report.blank_lines[split] = scan.blank_lines
     if suffix in (".json", ".jsonl"):
         builder, options = "json", {}
     else:
@@ -144,6 +288,12 @@ def read_table(source: str, split: str, cache_dir: str | None = None) -> Dataset
         raise UserError(f"{source}: cannot parse as {builder.upper()}: {message}") from None
     except (ConnectionError, TimeoutError) as error:
         raise UserError(_offline_hint(source) + f" [{type(error).__name__}]") from None
+    except ValueError as error:
+        # pyarrow's and pandas' parse errors (ArrowInvalid is a ValueError) name no line: the
+        # scan above catches what it can; anything else still gets one line, not a traceback.
+        if _is_remote(source):
+            raise
+        raise UserError(f"{source}: cannot parse as {builder.upper()}: {' '.join(str(error).split())[:300]}") from None
     except OSError as error:
         if _is_remote(source):
             raise UserError(_offline_hint(source) + f" [{type(error).__name__}]") from None
@@ -182,17 +332,25 @@ def label_ids(values: list, names: list[str]) -> tuple[list[int], int | None]:
     return ids, None
 
 
-def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str, report: DataReport) -> Dataset:
+LABEL_HINT = "fix the row or pass --labels"
+
+
+def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str, report: DataReport,
+                    label_hint: str = LABEL_HINT) -> Dataset:
     """Check columns and labels; normalise texts to strings and labels to ids."""
     columns = table.column_names
+    tabular = not source.lower().endswith((".json", ".jsonl"))
     for role, column in (("text", config.text_column), ("label", config.label_column)):
         if column not in columns:
             flag = f"--{role}_column"
+            shown = ", ".join(name if len(name) <= 30 else name[:27] + "..." for name in columns)
+            no_header = tabular and config.text_column not in columns and config.label_column not in columns
             raise UserError(
-                f"{source}: no {role} column {column!r} (columns: {', '.join(columns)}); "
-                f"pass {flag} NAME or fix the header"
+                f"{source}{' line 1' if tabular else ''}: no {role} column {column!r} (columns: {shown}); "
+                + ("the first line must be a header naming the columns" if no_header
+                   else f"pass {flag} NAME or fix the header")
             )
-    first_data_line = 1 if source.lower().endswith((".json", ".jsonl")) else 2
+    first_data_line = 1 if not tabular else 2
     # Only these values go into the closure: datasets fingerprints the function with what it
     # captures, and capturing the whole config would re-tokenize whenever any setting changed.
     text_column, label_column, labels = config.text_column, config.label_column, list(config.labels)
@@ -200,11 +358,15 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
     def clean(batch: dict, indices: list[int]) -> dict:
         ids, bad = label_ids(batch[label_column], labels)
         if bad is not None:
-            line = indices[bad] + first_data_line
-            raise UserError(
-                f"{source} line {line}: label {batch[label_column][bad]!r} is not one of "
-                f"{list(range(len(labels)))} or {labels}; fix the row or pass --labels"
-            )
+            value = batch[label_column][bad]
+            try:
+                line = line_of_row(source, indices[bad]) if Path(source).is_file() else indices[bad] + first_data_line
+            except OSError:
+                line = indices[bad] + first_data_line
+            expected = f"{list(range(len(labels)))} or {labels}"
+            if value is None or str(value).strip() == "":
+                raise UserError(f"{source} line {line}: the label is empty (expected one of {expected}); {label_hint}")
+            raise UserError(f"{source} line {line}: label {value!r} is not one of {expected}; {label_hint}")
         texts = ["" if text is None else str(text) for text in batch[text_column]]
         return {"text": texts, "labels": ids}
 
@@ -216,7 +378,30 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
     if keep and config.id_column != "id":
         cleaned = cleaned.rename_column(config.id_column, "id")
     report.empty_texts[split] = sum(1 for text in cleaned["text"] if not text.strip())
+    count_handled_problems(cleaned, columns, config, split, report)
     return cleaned
+
+
+def count_handled_problems(cleaned: Dataset, columns: list[str], config: TrainConfig, split: str,
+                           report: DataReport) -> None:
+    """Duplicate ids, ignored columns and absent classes: kept, counted and reported, not errors."""
+    if "id" in cleaned.column_names:
+        ids = cleaned["id"]
+        report.duplicate_ids[split] = len(ids) - len(set(ids))
+    used = {config.text_column, config.label_column, config.id_column}
+    report.ignored_columns[split] = [c for c in columns if c not in used]
+    present = set(cleaned["labels"])
+    report.missing_classes[split] = [name for i, name in enumerate(config.labels) if i not in present]
+
+
+def require_two_classes(cleaned: Dataset, source: str, config: TrainConfig) -> None:
+    """A training file with one class trains a constant predictor: stop instead of reporting it."""
+    present = sorted(set(cleaned["labels"]))
+    if len(present) == 1:
+        raise UserError(
+            f"{source}: every row has label {config.labels[present[0]]!r} ({len(cleaned):,} rows); training needs "
+            f"at least two of {config.labels}: check the file, --label_column and --labels"
+        )
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase):
@@ -282,8 +467,10 @@ def load_tokenized(
     sources = source_files(config)
     tokenized = {}
     for split in splits:
-        table = read_table(sources[split], split, config.cache_dir)
+        table = read_table(sources[split], split, config.cache_dir, report)
         table = check_and_clean(table, sources[split], config, split, report)
+        if split == "train":
+            require_two_classes(table, sources[split], config)
         tokenized[split] = tokenize(table, tokenizer, max_length, split, report)
     result = {}
     if "train" in tokenized:

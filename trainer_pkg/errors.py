@@ -7,9 +7,13 @@ on one line and exits non-zero; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from collections.abc import Callable
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UserError(Exception):
@@ -42,14 +46,46 @@ def cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     except UserError as error:
         if debug:
             raise
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
-        # os._exit: a rank must not wait in collective teardown for peers that will never come.
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(2)
+        _exit_with(f"error: {error}")
+    except OSError as error:
+        # A full disk or a read-only directory anywhere (a log line, a metrics file): the
+        # filesystem's own words and the file, not a traceback. Other OS errors are bugs.
+        if debug or error.errno not in STORAGE_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        _exit_with(f"error: {where}{error.strerror} (disk full or no permission?); free space or fix the permissions "
+                   "(--debug shows where it happened)")
+    except RuntimeError as error:
+        if debug or not lost_a_peer(error):
+            raise
+        reason = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\] ", "", " ".join(str(error).split())).split(". ")[0]
+        _exit_with(f"error: lost contact with another process of this {os.environ.get('WORLD_SIZE')}-process job "
+                   f"({reason[:160]}); it died or hung (--dist_timeout bounds the wait): see its output, fix the cause "
+                   "and --resume from the last checkpoint")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+# What gloo and NCCL say when a peer process died (reset, closed) or hung (timed out).
+PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out", "Broken pipe",
+                        "NCCL communicator was aborted", "Socket Timeout")
+
+
+def lost_a_peer(error: RuntimeError) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_FAILURE_MARKERS)
+
+
+def _exit_with(message: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    # os._exit: a rank must not wait in collective teardown for peers that will never come.
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(2)

@@ -64,7 +64,10 @@ def main(argv: list[str]) -> int:
     console = RunConsole(enabled=accelerator.is_main_process)
     report = DataReport()
     with accelerator.main_process_first():
-        table = check_and_clean(read_table(source, "test", config.cache_dir), source, config, "test", report)
+        # The labels are the model's: a file with others needs another model, not other flags.
+        label_hint = f"the model in {model_dir} knows only these labels: evaluate it on data with the same label set"
+        table = check_and_clean(read_table(source, "test", config.cache_dir, report), source, config, "test", report,
+                                label_hint=label_hint)
         if config.max_eval_samples:
             table = table.select(range(min(config.max_eval_samples, len(table))))
         max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
@@ -77,6 +80,10 @@ def main(argv: list[str]) -> int:
     metrics = evaluate_dataloader(accelerator, model, loader, len(labels), console, "evaluate")
     metrics.update(labels=labels, model=str(model_dir), data=source,
                    empty_texts=report.empty_texts.get("test", 0), truncated_texts=report.truncated_texts.get("test", 0))
+    # Input problems handled rather than refused (README "Bad input"): counted in the JSON too.
+    metrics.update(duplicate_ids=report.duplicate_ids.get("test", 0), blank_lines=report.blank_lines.get("test", 0),
+                   ignored_columns=report.ignored_columns.get("test", []),
+                   missing_classes=report.missing_classes.get("test", []))
     console.metrics_table(f"{model_dir} on {source}", metrics)
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else model_dir / "eval_metrics.json"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from trainer_pkg.checkpoint import apply_umask
 from trainer_pkg.config import ArgParser
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.model import WEIGHT_FILES, load_classifier, load_tokenizer
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> int:
     for name in ("run_config.yaml", "trainer_state.json"):
         if (checkpoint / name).is_file():
             shutil.copy(checkpoint / name, output_dir / ("training_config.yaml" if name == "run_config.yaml" else name))
+    apply_umask(output_dir)
     print(f"exported {checkpoint} -> {output_dir}")
     return 0
 

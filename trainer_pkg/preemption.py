@@ -8,6 +8,7 @@ never waits on the GPU) and stop at the same step.
 from __future__ import annotations
 
 import signal
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,11 +24,12 @@ class StopRequest:
         self.group = None
         self.previous = {}
 
-    def install(self, multi_process: bool) -> StopRequest:
+    def install(self, multi_process: bool, timeout_s: int = 1800) -> StopRequest:
         for signum in SIGNALS:
             self.previous[signum] = signal.signal(signum, self._record)
         if multi_process and dist.is_available() and dist.is_initialized():
-            self.group = dist.new_group(backend="gloo")
+            # A new group does not inherit the job's timeout (it would wait 30 minutes for a hung peer).
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         return self
 
     def _record(self, signum, frame) -> None:

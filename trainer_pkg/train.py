@@ -10,22 +10,26 @@ score it once on the test set.
 
 from __future__ import annotations
 
+import fcntl
 import json
-import math
+import os
+import pickle
 import resource
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from trainer_pkg.checkpoint import (
     CONFIG_FILE,
     TrainingState,
     checkpoints_dir,
     export_model,
+    latest_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
@@ -36,15 +40,104 @@ from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import evaluate_dataloader
 from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
+from trainer_pkg.numerics import NonFiniteWatch, gradient_norm, weights_are_finite
 from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
 # Keys that must match to continue a run in the same output directory.
 RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
 
 
-def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
-    """Refuse to mix two runs in one directory; write the resolved config."""
+LOCK_FILE = ".trainer_pkg.lock"
+# Open for the life of the process: the kernel drops the lock when the process ends, even by SIGKILL.
+_held_locks = []
+
+
+def lock_output_dir(output_dir: Path, accelerator) -> None:
+    """One run at a time per output directory, or two runs would overwrite each other's checkpoints."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            handle = (output_dir / LOCK_FILE).open("a+", encoding="utf-8")
+        except OSError as error:
+            problem = f"--output_dir {output_dir}: cannot write there ({error.strerror})"
+        else:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                problem = (f"{output_dir} is in use by another run ({holder}); wait for it to end, "
+                           "or choose another --output_dir")
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                handle.flush()
+                _held_locks.append(handle)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+
+
+def resume_problem(saved: TrainConfig | None, state: TrainingState, config: TrainConfig, num_processes: int,
+                   deepspeed: bool) -> str | None:
+    """Why a checkpoint cannot continue under this configuration, or None."""
+    if saved is not None:
+        changed = [k for k in RUN_IDENTITY if getattr(saved, k) != getattr(config, k)]
+        if changed:
+            key = changed[0]
+            return (f"saved by a run with another {', '.join(changed)} ({key} was {getattr(saved, key)!r}, now "
+                    f"{getattr(config, key)!r}); resume with the same settings, or export it and start a new run "
+                    "with --model EXPORT")
+    if deepspeed and state.num_processes != num_processes:
+        return (f"saved by {state.num_processes} DeepSpeed processes, now {num_processes}; ZeRO shards cannot be "
+                f"re-split: resume with {state.num_processes} processes, or convert with "
+                "`python -m trainer_pkg.export CHECKPOINT DIR` and start a new run with --model DIR")
+    if saved is None:
+        return None
+    if deepspeed:
+        before = saved.per_device_batch_size * state.num_processes * saved.grad_accum
+        now = config.per_device_batch_size * num_processes * config.grad_accum
+        if before != now:
+            return (f"a ZeRO checkpoint of global batch {before} (per-device {saved.per_device_batch_size} x "
+                    f"{state.num_processes} processes x accumulation {saved.grad_accum}), now {now}: DeepSpeed keeps "
+                    "the batch in its state; resume with the same --per_device_batch_size and --grad_accum")
+    if state.batches_in_epoch and saved.per_device_batch_size != config.per_device_batch_size:
+        return (f"saved mid-epoch with --per_device_batch_size {saved.per_device_batch_size}, and the position in "
+                f"the epoch counts those batches; resume with --per_device_batch_size {saved.per_device_batch_size}")
+    return None
+
+
+def check_resumable(config: TrainConfig, checkpoint: Path, accelerator) -> None:
+    saved = config_from_file(checkpoint / CONFIG_FILE) if (checkpoint / CONFIG_FILE).is_file() else None
+    problem = resume_problem(saved, TrainingState.read(checkpoint), config, accelerator.num_processes,
+                             accelerator.state.deepspeed_plugin is not None)
+    if problem:
+        raise UserError(f"--resume {checkpoint}: {problem}")
+
+
+def load_checkpoint_state(accelerator, checkpoint: Path) -> None:
+    """Accelerate's load_state: torch.load with weights_only=True, so a pickle that would run code is refused."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"{checkpoint}: cannot load the checkpoint ({type(error).__name__}: {reason}); "
+                        "resume from another checkpoint") from error
+
+
+def prepare_output_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
+    """Refuse to mix two runs in one directory or to resume what cannot continue; write the resolved config.
+
+    Everything is checked before anything is written: a refused run leaves the directory as it was.
+    """
     output_dir = Path(config.output_dir)
+    lock_output_dir(output_dir, accelerator)
+    resume_from = resolve_resume(config)
+    if resume_from is not None:
+        check_resumable(config, resume_from, accelerator)
     saved = output_dir / CONFIG_FILE
     # A run that stopped before its first checkpoint left nothing worth protecting.
     holds_work = any(checkpoints_dir(output_dir).glob("step-*")) or (output_dir / "model").exists()
@@ -74,7 +167,7 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> Path:
         except OSError as error:
             raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
     accelerator.wait_for_everyone()
-    return output_dir
+    return output_dir, resume_from
 
 
 def peak_memory_gb() -> float:
@@ -112,25 +205,28 @@ def window_scale(batch_index: int, num_batches: int, grad_accum: int) -> float:
     return grad_accum / min(grad_accum, num_batches - window_start)
 
 
-def check_resumable(state: TrainingState, accelerator, checkpoint: Path) -> None:
-    if state.num_processes != accelerator.num_processes and accelerator.state.deepspeed_plugin is not None:
-        raise UserError(
-            f"--resume {checkpoint}: saved by {state.num_processes} DeepSpeed processes, now {accelerator.num_processes}; "
-            f"ZeRO shards cannot be re-split: resume with {state.num_processes} processes, or convert with "
-            f"`python -m trainer_pkg.export {checkpoint} DIR` and start a new run with --model DIR"
-        )
+def diverged_error(config: TrainConfig, step: int | None, output_dir: Path) -> UserError:
+    latest = latest_checkpoint(output_dir)
+    kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written"
+    where = f"at step {step}" if step is not None else "(the weights are no longer finite)"
+    return UserError(
+        f"training diverged: a non-finite (NaN/inf) loss or gradient {where}; {kept}; lower --lr "
+        f"(now {config.effective_lr:g}), or pass --nan_policy skip to drop such steps"
+    )
 
 
 def run(config: TrainConfig) -> dict:
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout)
     fill_deepspeed_config(accelerator, config.max_grad_norm)
+    if config.nan_policy == "skip" and accelerator.state.deepspeed_plugin is not None:
+        raise UserError("--nan_policy skip: DeepSpeed steps its optimizer itself and cannot skip a step; "
+                        "use --nan_policy stop")
     console = RunConsole(enabled=accelerator.is_main_process)
     # From here on a preemption signal is remembered, even while the data is still loading, and
     # honoured at the first step boundary.
-    stop = StopRequest().install(multi_process=accelerator.num_processes > 1)
+    stop = StopRequest().install(multi_process=accelerator.num_processes > 1, timeout_s=config.dist_timeout)
     set_seed(config.seed)
-    output_dir = prepare_output_dir(config, accelerator)
-    resume_from = resolve_resume(config)
+    output_dir, resume_from = prepare_output_dir(config, accelerator)
     log = JsonlLog(output_dir / "log.jsonl" if accelerator.is_main_process else None)
     console.rule(f"trainer_pkg: {config.model} -> {output_dir}")
     console.print(
@@ -151,8 +247,7 @@ def run(config: TrainConfig) -> dict:
         splits, report = load_tokenized(config, tokenizer, splits=("train", "test"))
     for line in report.lines():
         console.print(line)
-    log.write("data", **{"rows": report.rows, "empty_texts": report.empty_texts,
-                         "truncated_texts": report.truncated_texts})
+    log.write("data", **report.counts())
 
     # --- optimizer, schedule, placement -------------------------------------------------------
     optimizer = build_optimizer(model, config)
@@ -179,11 +274,10 @@ def run(config: TrainConfig) -> dict:
     state = TrainingState(num_processes=accelerator.num_processes)
     if resume_from is not None:
         state = TrainingState.read(resume_from)
-        check_resumable(state, accelerator, resume_from)
         if resume_from.resolve().parent != checkpoints_dir(output_dir).resolve():
             # The best checkpoint of another directory is not ours to export: track a new best.
             state.best_metric, state.best_checkpoint, state.best_validation = None, None, {}
-        accelerator.load_state(str(resume_from))
+        load_checkpoint_state(accelerator, resume_from)
         scheduler.load_state_dict(state.scheduler)
         if state.num_processes != accelerator.num_processes:
             # Rank r reads global batches r, r+n, ...: the first k*n global batches are done.
@@ -195,7 +289,20 @@ def run(config: TrainConfig) -> dict:
             state.num_processes = accelerator.num_processes
         console.print(f"resumed from {resume_from} (step {state.optimizer_steps}, epoch {state.epoch})")
 
+    watch = NonFiniteWatch(accelerator.device)
+
+    def require_finite() -> None:
+        """Before anything that trusts the weights (evaluation, a checkpoint). Call on all ranks."""
+        first_bad = watch.first_bad(accelerator)
+        if first_bad is not None or not weights_are_finite(accelerator, model):
+            raise diverged_error(config, first_bad, output_dir)
+
+    def checkpoint() -> None:
+        require_finite()
+        save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+
     def validate_and_checkpoint() -> None:
+        require_finite()
         metrics = evaluate_dataloader(accelerator, model, valid_loader, len(config.labels))
         metrics["step"] = state.optimizer_steps
         score = metrics[config.metric_for_best]
@@ -210,9 +317,13 @@ def run(config: TrainConfig) -> dict:
     # --- train -------------------------------------------------------------------------------
     model.train()
     running_loss = torch.zeros((), device=accelerator.device)
+    running_batches = 0
+    # The window's losses join the running mean only if its step is applied.
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_batches = 0
     # Real (unpadded) tokens stay on the device until the log interval: no host sync per step.
     running_tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    running_batches = padded_tokens = 0
+    padded_tokens = 0
     window_start, window_samples = time.time(), 0
     throughput = Throughput(started=time.time())
     console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
@@ -224,48 +335,70 @@ def run(config: TrainConfig) -> dict:
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         state.epoch, state.batches_in_epoch, skip = epoch, skip, 0
         for batch in batches:
+            skip_step = False
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                watch.observe(loss)
                 # Accelerate divides every loss by grad_accum; an epoch's last window may be
                 # shorter, and its gradient must still be a mean, not a fraction of one.
                 accelerator.backward(loss * window_scale(state.batches_in_epoch, len(train_loader), config.grad_accum))
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) \
+                        if config.max_grad_norm else None
+                    watch.observe(norm)
+                    if config.nan_policy == "skip" and accelerator.scaler is None:
+                        # The one host sync per step this policy costs (see trainer_pkg.numerics).
+                        skip_step = not torch.isfinite(torch.as_tensor(norm if norm is not None else gradient_norm(model))).item()
+                if not skip_step:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
-            running_loss += loss.detach()
+            window_loss += loss.detach()
+            window_batches += 1
             running_tokens += batch["attention_mask"].sum()
             padded_tokens += batch["input_ids"].numel()
-            running_batches += 1
             window_samples += batch["labels"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            if not accelerator.optimizer_step_was_skipped:
+            # fp16: the loss scaler skips steps whose scaled gradients overflowed, and lowers the scale.
+            overflow = not skip_step and accelerator.optimizer_step_was_skipped
+            watch.close_window(state.optimizer_steps + 1, excused=skip_step or overflow)
+            if skip_step or overflow:
+                state.skipped_non_finite += skip_step
+                state.skipped_overflow += overflow
+            else:
                 scheduler.step()
+                running_loss += window_loss
+                running_batches += window_batches
+            window_loss.zero_()
+            window_batches = 0
             state.optimizer_steps += 1
             console.advance()
 
             if state.optimizer_steps % config.log_every == 0 or state.optimizer_steps == total_steps:
-                # The only host sync of the step loop, once per log interval.
-                window = torch.stack([(running_loss / running_batches).double(), running_tokens,
+                # The only host syncs of the step loop (with --nan_policy stop), once per log interval.
+                first_bad = watch.first_bad(accelerator)
+                if first_bad is not None:
+                    raise diverged_error(config, first_bad, output_dir)
+                mean = running_loss / running_batches if running_batches else torch.full_like(running_loss, float("nan"))
+                window = torch.stack([mean.double(), running_tokens,
                                       torch.tensor(float(padded_tokens), device=accelerator.device, dtype=torch.float64)])
                 loss_sum, tokens, padded = accelerator.reduce(window, "sum").tolist()
                 mean_loss = loss_sum / accelerator.num_processes
-                if not math.isfinite(mean_loss):
-                    raise UserError(
-                        f"training loss became {mean_loss} by step {state.optimizer_steps}; lower --lr "
-                        f"(now {config.effective_lr:g}); the last checkpoint in {checkpoints_dir(output_dir)} is intact"
-                    )
                 elapsed = time.time() - window_start
                 state.samples_seen += window_samples
                 rate = window_samples / elapsed if elapsed > 0 else 0.0
                 throughput.add(window_samples, tokens, padded)
-                log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss,
+                skipped = {"skipped_non_finite": state.skipped_non_finite, "skipped_overflow": state.skipped_overflow}
+                # A window whose every step was skipped has no loss to report: null, not NaN.
+                log.write("train", step=state.optimizer_steps, epoch=epoch, loss=mean_loss if running_batches else None,
                           lr=scheduler.get_last_lr()[0], samples_per_s=rate, tokens_per_s=tokens / max(elapsed, 1e-9),
                           padding_efficiency=tokens / max(padded, 1), samples_seen=state.samples_seen,
-                          peak_memory_gb=peak_memory_gb())
-                console.advance(0, status=f"loss {mean_loss:.4f}  {rate:,.0f} samples/s")
+                          peak_memory_gb=peak_memory_gb(), **skipped)
+                notes = "".join(f"  {count} steps skipped ({why})" for why, count in
+                                (("non-finite", state.skipped_non_finite), ("fp16 overflow", state.skipped_overflow)) if count)
+                shown = f"{mean_loss:.4f}" if running_batches else "n/a"
+                console.advance(0, status=f"loss {shown}  {rate:,.0f} samples/s{notes}")
                 running_loss.zero_()
                 running_tokens.zero_()
                 running_batches, padded_tokens, window_start, window_samples = 0, 0, time.time(), 0
@@ -273,7 +406,7 @@ def run(config: TrainConfig) -> dict:
                 break
             if stop.agreed():
                 console.stop_progress()
-                save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                checkpoint()
                 console.print(f"[yellow]signal {stop.received or 'on a peer'}: checkpoint at step "
                               f"{state.optimizer_steps} saved; exiting with {PREEMPTED_EXIT_CODE} to be resumed")
                 log.write("preempted", step=state.optimizer_steps)
@@ -282,7 +415,7 @@ def run(config: TrainConfig) -> dict:
             if valid_loader is not None and config.eval_every and state.optimizer_steps % config.eval_every == 0:
                 validate_and_checkpoint()
             elif config.save_every and state.optimizer_steps % config.save_every == 0:
-                save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                checkpoint()
         else:
             # A full pass: the saved position is the start of the next epoch.
             state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -290,7 +423,7 @@ def run(config: TrainConfig) -> dict:
                 if valid_loader is not None:
                     validate_and_checkpoint()
                 else:
-                    save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+                    checkpoint()
     console.stop_progress()
     log.write("train_summary", **throughput.summary())
     # Past the last step, finishing (evaluation, export) beats being requeued.
@@ -302,11 +435,14 @@ def run(config: TrainConfig) -> dict:
     if valid_loader is not None:
         validate_and_checkpoint()
     else:
-        save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+        checkpoint()
+    if state.skipped_non_finite or state.skipped_overflow:
+        console.print(f"[yellow]skipped optimizer steps: {state.skipped_non_finite} with a non-finite gradient "
+                      f"(--nan_policy skip), {state.skipped_overflow} fp16 overflows (the loss scaler lowered its scale)")
     best = state.best_checkpoint or f"step-{state.optimizer_steps:08d}"
     if best != f"step-{state.optimizer_steps:08d}":
         console.print(f"loading the best checkpoint ({best}) for export")
-        accelerator.load_state(str(checkpoints_dir(output_dir) / best))
+        load_checkpoint_state(accelerator, checkpoints_dir(output_dir) / best)
     test_started = time.time()
     test_metrics = evaluate_dataloader(accelerator, model, test_loader, len(config.labels), console, "test")
     test_seconds = time.time() - test_started
@@ -315,7 +451,8 @@ def run(config: TrainConfig) -> dict:
         "validation": state.best_validation,
         "test": test_metrics,
         "optimizer_steps": state.optimizer_steps,
-        "data": {"rows": report.rows, "empty_texts": report.empty_texts, "truncated_texts": report.truncated_texts},
+        "skipped_steps": {"non_finite": state.skipped_non_finite, "fp16_overflow": state.skipped_overflow},
+        "data": report.counts(),
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
     log.write("test", **test_metrics, seconds=test_seconds)

@@ -1,0 +1,103 @@
+"""Run many trainer_pkg command lines as separate processes while paying for the imports once.
+
+    python tests/cli_batch.py JOBS.json RESULTS.json
+
+JOBS.json is a list of {"name", "module", "args", "cwd"}. This process imports torch,
+transformers, datasets and trainer_pkg once (about 5 s), then forks one child per job. The child
+is the command `python -m MODULE ARGS...` from the import on: it runs the module as __main__ with
+its own sys.argv, stdout and stderr go to files, and its exit status is the command's (an
+uncaught exception prints its traceback and exits 1, as the interpreter would). Forty cold starts
+would cost minutes of the suite's time; forty forks cost seconds.
+
+RESULTS.json maps each name to {"returncode", "stdout", "stderr", "seconds"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+TIMEOUT_S = 120
+
+
+def run_child(job: dict, stdout_path: Path, stderr_path: Path) -> None:
+    """In the forked child: become the command, then exit with its status (never return)."""
+    code = 1
+    try:
+        os.chdir(job.get("cwd") or os.getcwd())
+        for fd, path in ((1, stdout_path), (2, stderr_path)):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        sys.argv = [job["module"], *job["args"]]
+        # `python -m` runs a module that nothing has imported yet; the preload did import it.
+        sys.modules.pop(job["module"], None)
+        try:
+            runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            if stop.code is None or isinstance(stop.code, int):
+                code = stop.code or 0
+            else:
+                print(stop.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_job(job: dict, scratch: Path) -> dict:
+    stdout_path, stderr_path = scratch / f"{job['name']}.out", scratch / f"{job['name']}.err"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    start = time.time()
+    pid = os.fork()
+    if pid == 0:
+        run_child(job, stdout_path, stderr_path)
+    deadline = start + TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+    return {
+        "returncode": os.waitstatus_to_exitcode(status),
+        "stdout": stdout_path.read_text(encoding="utf-8", errors="replace"),
+        "stderr": stderr_path.read_text(encoding="utf-8", errors="replace"),
+        "seconds": round(time.time() - start, 2),
+    }
+
+
+def main() -> None:
+    jobs_path, results_path = Path(sys.argv[1]), Path(sys.argv[2])
+    jobs = json.loads(jobs_path.read_text(encoding="utf-8"))
+    # As under `python -m`: the working directory (the checkout under test) comes first on the
+    # path, not this script's folder.
+    sys.path[0] = os.getcwd()
+    # Everything the commands import, imported before the first fork.
+    import trainer_pkg.evaluate  # noqa: F401
+    import trainer_pkg.predict  # noqa: F401
+    import trainer_pkg.train  # noqa: F401
+
+    scratch = results_path.parent / f"{results_path.stem}_output"
+    scratch.mkdir(parents=True, exist_ok=True)
+    results = {job["name"]: run_job(job, scratch) for job in jobs}
+    results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
