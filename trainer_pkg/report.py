@@ -73,7 +73,10 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRA
     Bin b holds confidences in (b/bins, (b+1)/bins] (the first bin also holds 0);
     ECE = sum over bins of (count / n) * |accuracy - mean confidence|.
     """
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    # Compared with the edges the table reports (b / bins), so that "low < confidence <= high"
+    # holds for every row of the table, edge values included, without arithmetic on the confidence.
+    upper_edges = np.arange(1, bins + 1) / bins
+    index = np.minimum(np.searchsorted(upper_edges, confidence, side="left"), bins - 1)
     table, ece, n = [], 0.0, len(confidence)
     for b in range(bins):
         inside = index == b
