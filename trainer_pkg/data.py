@@ -368,13 +368,16 @@ def train_dataloader(dataset: Dataset, tokenizer, config: TrainConfig) -> DataLo
 
 
 def eval_dataloader(dataset: Dataset, tokenizer, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches sorted by length (longest first): least padding, and peak memory shows at once.
+    """Batches sorted by length, shortest first: least padding, and exact sharding.
 
+    Under several processes Accelerate completes the last round with rows from the first
+    batches. Shortest first, those rows never lengthen the padded batch they join, so every row
+    is computed in the same padded shape, and gets the same logits, on any number of processes.
     Each batch carries `row`, the example's position in `dataset`, so gathered predictions can
     be put back in input order.
     """
     lengths = dataset["length"]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     columns = [c for c in MODEL_COLUMNS if c in dataset.column_names]
     rows = dataset.select_columns(columns).add_column("row", list(range(len(dataset))))
     return DataLoader(

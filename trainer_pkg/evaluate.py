@@ -131,7 +131,10 @@ def main(argv: list[str]) -> int:
     for line in report.lines():
         console.print(line)
     loader = eval_dataloader(dataset, tokenizer, args.batch_size)
-    model, loader = accelerator.prepare(model, loader)
+    # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
+    # rank that finished first (the main process still writes the report then).
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    loader = accelerator.prepare(loader)
     details = dict(labels=labels, model=str(model_dir), data=source,
                    empty_texts=report.empty_texts.get("test", 0), truncated_texts=report.truncated_texts.get("test", 0))
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"

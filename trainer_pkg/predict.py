@@ -111,11 +111,13 @@ def main(argv: list[str]) -> int:
     id_column = args.id_column or run_config.id_column
     max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
     accelerator = make_accelerator(args.mixed_precision)
+    # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
+    # rank that finished first.
     if args.input == "-":
         if accelerator.num_processes > 1:
             raise UserError("--input - (stdin) is read by one process; run it without a launcher, "
                             "or give a file to shard it over processes")
-        model = accelerator.prepare(model)
+        model = accelerator.prepare_model(model, evaluation_mode=True)
         output = open_output(args.output)
         line = 0
         for chunk in stdin_chunks(args.chunk_size):
@@ -135,7 +137,7 @@ def main(argv: list[str]) -> int:
         table = (texts_dataset(args.input, text_column, id_column) if args.input
                  else Dataset.from_dict({"text": args.texts}))
         dataset = tokenize(table, tokenizer, max_length, "predict", DataReport())
-    model = accelerator.prepare(model)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
     rows = predict_dataset(accelerator, model, tokenizer, dataset, args.batch_size, labels, console)
     if accelerator.is_main_process:
         ids = list(table["id"]) if "id" in table.column_names else None
