@@ -215,7 +215,7 @@ def plot_reliability(pyplot, calibrated: dict, num_classes: int, path: Path) -> 
     top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
             color="tab:blue", edgecolor="black", alpha=0.8, label="accuracy")
     top.bar([b["low"] for b in filled], [b["mean_confidence"] - b["accuracy"] for b in filled], width=width,
-            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.35,
+            bottom=[b["accuracy"] for b in filled], align="edge", facecolor=(0.84, 0.15, 0.16, 0.15), hatch="//",
             edgecolor="tab:red", label="gap to mean confidence")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
