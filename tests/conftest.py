@@ -78,3 +78,13 @@ def shared_dir() -> Path:
     if not (SHARED / "data" / "nsmc" / "ratings_train.txt").is_file():
         pytest.skip(f"no NSMC data under {SHARED} (a fresh clone without ../shared)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model, tiny_nsmc, cache_env) -> Path:
+    """A short training run (45 steps: good, not perfect, so its report has errors to show),
+    tracked with the default --report_to auto. Its export is <run>/model."""
+    output_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    run_module("trainer_pkg.train", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "45",
+                                                     "--eval_every", "15"), env=cache_env)
+    return output_dir

@@ -28,6 +28,7 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # fine-tuning pretrained weights, where 5e-5 is the usual choice.
 DEFAULT_LR_PRETRAINED = 5e-5
 DEFAULT_LR_FROM_SCRATCH = 2e-3
+REPORT_TO_CHOICES = ("auto", "none", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -128,6 +129,9 @@ class TrainConfig:
     """Seconds a process waits in a collective (or for a peer) before failing instead of hanging."""
     debug: bool = False
     """Show full tracebacks instead of one-line errors."""
+    report_to: list[str] = field(default_factory=lambda: ["auto"])
+    """Experiment trackers, comma-separated: tensorboard, wandb, mlflow; 'auto' (TensorBoard when installed,
+    written to <output_dir>/tensorboard) or 'none'."""
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -177,6 +181,8 @@ class TrainConfig:
             "eval_every needs a validation split: set validation_size >= 1",
         )
         check(bool(self.output_dir), "output_dir must not be empty")
+        check(all(name in REPORT_TO_CHOICES for name in self.report_to),
+              f"report_to must list some of {', '.join(REPORT_TO_CHOICES)} (got {','.join(self.report_to)!r})")
         for name, value in self.model_overrides.items():
             check(isinstance(name, str) and name.isidentifier(), f"model_overrides key {name!r} is not a field name")
         if problems:

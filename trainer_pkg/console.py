@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -76,9 +77,11 @@ class RunConsole:
 class JsonlLog:
     """Append-only log of training steps and evaluations (one JSON object per line)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, also: Callable[[str, dict], None] | None = None):
         self.path = path
         self.start = time.time()
+        # Experiment trackers get the same records, so the log and the dashboards never disagree.
+        self.also = also
 
     def write(self, kind: str, **record) -> None:
         if self.path is None:
@@ -86,6 +89,8 @@ class JsonlLog:
         record = {"kind": kind, "time": round(time.time() - self.start, 3), **record}
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.also is not None:
+            self.also(kind, record)
 
 
 def write_output(path: Path, text: str, flag: str = "--output") -> None:

@@ -635,13 +635,16 @@ def train_dataloader(dataset: Dataset, tokenizer, config: TrainConfig) -> DataLo
 
 
 def eval_dataloader(dataset: Dataset, tokenizer, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches sorted by length (longest first): least padding, and peak memory shows at once.
+    """Batches sorted by length, shortest first: least padding, and exact sharding.
 
+    Under several processes Accelerate completes the last round with rows from the first
+    batches. Shortest first, those rows never lengthen the padded batch they join, so every row
+    is computed in the same padded shape, and gets the same logits, on any number of processes.
     Each batch carries `row`, the example's position in `dataset`, so gathered predictions can
     be put back in input order.
     """
     packed = PackedTokens(dataset, tokenizer.pad_token_id, with_row=True)
-    order = np.argsort(-packed.lengths, kind="stable").tolist()
+    order = np.argsort(packed.lengths, kind="stable").tolist()
     return DataLoader(
         packed, batch_size=batch_size, sampler=order, collate_fn=packed.collate,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator(),

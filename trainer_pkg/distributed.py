@@ -60,7 +60,9 @@ def resolve_precision(requested: str) -> str | None:
     return requested
 
 
-def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout_s: int = 1800) -> Accelerator:
+def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout_s: int = 1800,
+                     trackers: list[str] | None = None, tracking_dir: str | None = None) -> Accelerator:
+    """The job's Accelerator; `trackers` (Accelerate names) log under `tracking_dir`."""
     cuda = torch.cuda.is_available()
     deepspeed = deepspeed_requested()
     if deepspeed:
@@ -83,6 +85,8 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[process_group],
+        log_with=trackers or None,
+        project_dir=tracking_dir if trackers else None,
     )
     if launched_processes() > 1 and accelerator.num_processes != launched_processes():
         raise UserError(

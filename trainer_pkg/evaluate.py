@@ -3,24 +3,35 @@
     python -m trainer_pkg.evaluate CHECKPOINT_OR_EXPORT [--data DIR | --test_file FILE] [--output FILE.json]
     accelerate launch -m trainer_pkg.evaluate ...     # sharded over processes, gathered exactly
 
-Without --data/--test_file the test data of the run that produced the model is used.
+Without --data/--test_file the test data of the run that produced the model is used. The JSON
+holds the metrics and the report (per-class scores, accuracy by length, calibration, the most
+confidently wrong examples); confusion_matrix.png, reliability.png and training_curves.png are
+written beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
 
 from trainer_pkg.config import ArgParser, TrainConfig, config_from_file
 from trainer_pkg.console import RunConsole, print_json, write_output
 from trainer_pkg.data import DataReport, check_and_clean, eval_dataloader, read_table, source_files, tokenize
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
-from trainer_pkg.inference import evaluate_dataloader
+from trainer_pkg.inference import metrics_from_outputs, predict_logits
 from trainer_pkg.model import label_names, load_classifier
+from trainer_pkg.report import build_report, show_report, write_figures
 
 SAVED_CONFIGS = ("run_config.yaml", "training_config.yaml")
+TEST_REPORT_FILE = "test_report.json"
 
 
 def saved_run_config(model_dir: Path) -> TrainConfig:
@@ -29,6 +40,53 @@ def saved_run_config(model_dir: Path) -> TrainConfig:
         if (model_dir / name).is_file():
             return config_from_file(model_dir / name)
     return TrainConfig()
+
+
+def run_log(model_dir: Path) -> Path | None:
+    """The log.jsonl of the run that wrote this export (<run>/model) or checkpoint (<run>/checkpoints/step-N)."""
+    for run_dir in (model_dir, model_dir.parent, model_dir.parent.parent):
+        if (run_dir / "log.jsonl").is_file() and (run_dir / "run_config.yaml").is_file():
+            return run_dir / "log.jsonl"
+    return None
+
+
+def test_table(config: TrainConfig, report: DataReport, label_hint: str | None = None) -> Dataset:
+    """The checked test rows (texts, label ids, ids), in file order, as training and evaluation score them."""
+    source = source_files(config)["test"]
+    table = check_and_clean(read_table(source, "test", config.cache_dir, report), source, config, "test", report,
+                            label_hint=label_hint)
+    if config.max_eval_samples:
+        table = table.select(range(min(config.max_eval_samples, len(table))))
+    return table
+
+
+def evaluate_and_report(accelerator: Accelerator, model, loader, dataset: Dataset, config: TrainConfig,
+                        console: RunConsole, report_file: Path, log_path: Path | None, title: str,
+                        texts: Sequence[str] | None = None, details: dict | None = None,
+                        top_wrong: int = 10, progress: str = "evaluate") -> tuple[dict, dict | None]:
+    """Score a prepared loader over `dataset` (tokenized test rows) and write the report.
+
+    Returns the metrics (every rank) and, on the main process, the full report that was written:
+    metrics, `details`, report sections. `texts` default to the test rows of `config`, read on
+    the main process only. Collective on every rank (the prediction); files on the main one.
+    """
+    outputs = predict_logits(accelerator, model, loader, console, progress)
+    metrics = metrics_from_outputs(outputs, len(config.labels))
+    if not accelerator.is_main_process:
+        return metrics, None
+    if texts is None:
+        texts = list(test_table(config, DataReport())["text"])
+    probabilities = torch.softmax(torch.from_numpy(outputs["logits"]).double(), dim=-1).numpy()
+    ids = list(dataset["id"]) if "id" in dataset.column_names else None
+    sections = build_report(probabilities, outputs["labels"], config.labels, np.asarray(list(dataset["length"])),
+                            texts=texts, ids=ids, top_k=top_wrong)
+    report = {**metrics, **(details or {}), **sections}
+    console.metrics_table(title, metrics)
+    show_report(console, sections)
+    write_output(report_file, json.dumps(report, indent=2, ensure_ascii=False))
+    figures = write_figures(report, config.labels, report_file.parent, log_path, console)
+    console.print(f"wrote {report_file}" + (f" and {', '.join(f.name for f in figures)}" if figures else ""))
+    return metrics, report
 
 
 def build_parser() -> ArgParser:
@@ -41,6 +99,7 @@ def build_parser() -> ArgParser:
     parser.add_argument("--output", help="metrics JSON to write (default: CHECKPOINT_OR_EXPORT/eval_metrics.json)")
     parser.add_argument("--batch_size", type=int, default=256, help="examples per process per forward pass")
     parser.add_argument("--max_eval_samples", type=int, help="score only the first N rows")
+    parser.add_argument("--top_wrong", type=int, default=10, help="how many of the most confidently wrong examples to list")
     parser.add_argument("--mixed_precision", default="auto", help="auto, no, bf16 or fp16")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -50,6 +109,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1 (got {args.batch_size})")
+    if args.top_wrong < 0:
+        raise UserError(f"--top_wrong must be >= 0 (got {args.top_wrong})")
     model_dir = Path(args.model_dir)
     model, tokenizer = load_classifier(args.model_dir)
     labels = label_names(model)
@@ -66,30 +127,29 @@ def main(argv: list[str]) -> int:
     with accelerator.main_process_first():
         # The labels are the model's: a file with others needs another model, not other flags.
         label_hint = f"the model in {model_dir} knows only these labels: evaluate it on data with the same label set"
-        table = check_and_clean(read_table(source, "test", config.cache_dir, report), source, config, "test", report,
-                                label_hint=label_hint)
-        if config.max_eval_samples:
-            table = table.select(range(min(config.max_eval_samples, len(table))))
+        table = test_table(config, report, label_hint)
         max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
         dataset = tokenize(table, tokenizer, max_length, "test", report)
     report.rows["test"] = len(dataset)
     for line in report.lines():
         console.print(line)
     loader = eval_dataloader(dataset, tokenizer, args.batch_size)
-    model, loader = accelerator.prepare(model, loader)
-    metrics = evaluate_dataloader(accelerator, model, loader, len(labels), console, "evaluate")
-    metrics.update(labels=labels, model=str(model_dir), data=source,
+    # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
+    # rank that finished first (the main process still writes the report then).
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    loader = accelerator.prepare(loader)
+    details = dict(labels=labels, model=str(model_dir), data=source,
                    empty_texts=report.empty_texts.get("test", 0), truncated_texts=report.truncated_texts.get("test", 0))
     # Input problems handled rather than refused (README "Bad input"): counted in the JSON too.
-    metrics.update(duplicate_ids=report.duplicate_ids.get("test", 0), blank_lines=report.blank_lines.get("test", 0),
+    details.update(duplicate_ids=report.duplicate_ids.get("test", 0), blank_lines=report.blank_lines.get("test", 0),
                    ignored_columns=report.ignored_columns.get("test", []),
                    missing_classes=report.missing_classes.get("test", []))
-    console.metrics_table(f"{model_dir} on {source}", metrics)
+    output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
+    _, written = evaluate_and_report(accelerator, model, loader, dataset, config, console, output, run_log(model_dir),
+                                     f"{model_dir} on {source}", texts=list(table["text"]), details=details,
+                                     top_wrong=args.top_wrong)
     if accelerator.is_main_process:
-        output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
-        write_output(output, json.dumps(metrics, indent=2, ensure_ascii=False))
-        console.print(f"wrote {output}")
-        print_json(metrics)
+        print_json(written)
     accelerator.end_training()
     return 0
 

@@ -52,7 +52,11 @@ def predict_logits(accelerator: Accelerator, model, dataloader, console: RunCons
 def evaluate_dataloader(accelerator: Accelerator, model, dataloader, num_labels: int,
                         console: RunConsole | None = None, description: str = "eval") -> dict:
     """Metrics over the whole split, identical on every rank and to a single-process run."""
-    outputs = predict_logits(accelerator, model, dataloader, console, description)
+    return metrics_from_outputs(predict_logits(accelerator, model, dataloader, console, description), num_labels)
+
+
+def metrics_from_outputs(outputs: dict[str, np.ndarray], num_labels: int) -> dict:
+    """Metrics of gathered predictions (predict_logits' result, with labels)."""
     logits = torch.from_numpy(outputs["logits"])
     labels = torch.from_numpy(outputs["labels"]).long()
     metrics = classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), num_labels)

@@ -1,19 +1,27 @@
 """Label texts with a checkpoint or an exported model.
 
     python -m trainer_pkg.predict CHECKPOINT_OR_EXPORT "text" ["text" ...]
-    python -m trainer_pkg.predict CHECKPOINT_OR_EXPORT --input FILE|- [--output FILE.jsonl]
+    python -m trainer_pkg.predict CHECKPOINT_OR_EXPORT --input FILE [--output FILE.jsonl]
+    torchrun --nproc_per_node N -m trainer_pkg.predict ... --input FILE    # sharded, same output
+    producer | python -m trainer_pkg.predict CHECKPOINT_OR_EXPORT --input - [--chunk_size N]
 
 Output: one JSON object per input row, in input order, with `label` (name), `label_id`, `score`
-(the predicted class's probability), `probabilities`, and the row's `id` when the input has one.
+(the predicted class's probability), `probabilities`, and the row's `id` when the input has one
+(`line`, counted from 1, for stdin). Stdin is streamed: every --chunk_size lines are predicted and
+written (and flushed) before more are read, so the command can sit at the end of a pipe.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from datasets import Dataset
 
 from trainer_pkg.config import ArgParser
@@ -35,6 +43,8 @@ def build_parser() -> ArgParser:
     parser.add_argument("--text_column", help="text column name (default: the training run's)")
     parser.add_argument("--id_column", help="id column carried into the output (default: the training run's)")
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--chunk_size", type=int, default=256,
+                        help="stdin: predict and write every N lines (1 answers each line as it arrives)")
     parser.add_argument("--mixed_precision", default="auto")
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -49,28 +59,88 @@ def predictions(logits: torch.Tensor, labels: list[str]) -> list[dict]:
     ]
 
 
+def predict_dataset(accelerator: Accelerator, model, tokenizer, dataset: Dataset, batch_size: int,
+                    labels: list[str], console: RunConsole | None, sharded: bool = True) -> list[dict]:
+    """Predictions for every row of a tokenized dataset, in row order, on every rank."""
+    loader = eval_dataloader(dataset, tokenizer, batch_size)
+    if sharded:
+        loader = accelerator.prepare(loader)
+    else:
+        # Not registered with the accelerator: a stream prepares one loader per chunk, and
+        # registered ones would be kept alive for the whole stream.
+        loader = prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0)
+    outputs = predict_logits(accelerator, model, loader, console, "predict")
+    return predictions(torch.from_numpy(outputs["logits"]), labels)
+
+
+def stdin_chunks(size: int) -> Iterator[list[str]]:
+    """Lines of stdin, `size` at a time; a chunk is handed on as soon as it is full."""
+    # UTF-8 whatever the locale: reviews are Korean, and a C locale would fail to decode them.
+    stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline=None)
+    chunk = []
+    for line in stream:
+        chunk.append(line.rstrip("\r\n"))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def open_output(path: str | None):
+    if path is None:
+        return sys.stdout
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"--output {path}: cannot write ({error.strerror})") from None
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.texts) == bool(args.input):
         raise UserError("give texts as arguments or --input FILE (one of the two)")
+    for flag in ("batch_size", "chunk_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     model, tokenizer = load_classifier(args.model_dir)
     labels = label_names(model)
     run_config = saved_run_config(Path(args.model_dir))
     text_column = args.text_column or run_config.text_column
     id_column = args.id_column or run_config.id_column
+    max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
     accelerator = make_accelerator(args.mixed_precision)
+    # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
+    # rank that finished first.
+    if args.input == "-":
+        if accelerator.num_processes > 1:
+            raise UserError("--input - (stdin) is read by one process; run it without a launcher, "
+                            "or give a file to shard it over processes")
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        output = open_output(args.output)
+        line = 0
+        for chunk in stdin_chunks(args.chunk_size):
+            dataset = tokenize(Dataset.from_dict({"text": chunk}), tokenizer, max_length, "predict", DataReport())
+            rows = predict_dataset(accelerator, model, tokenizer, dataset, args.batch_size, labels, None, sharded=False)
+            for row in rows:
+                line += 1
+                output.write(json.dumps({"line": line, **row}, ensure_ascii=False) + "\n")
+            output.flush()
+        if output is not sys.stdout:
+            output.close()
+        accelerator.end_training()
+        return 0
+
     console = RunConsole(enabled=accelerator.is_main_process and args.output is not None)
     with accelerator.main_process_first():
         table = (texts_dataset(args.input, text_column, id_column) if args.input
                  else Dataset.from_dict({"text": args.texts}))
-        max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
         dataset = tokenize(table, tokenizer, max_length, "predict", DataReport())
-    loader = eval_dataloader(dataset, tokenizer, args.batch_size)
-    model, loader = accelerator.prepare(model, loader)
-    outputs = predict_logits(accelerator, model, loader, console, "predict")
-    rows = predictions(torch.from_numpy(outputs["logits"]), labels)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    rows = predict_dataset(accelerator, model, tokenizer, dataset, args.batch_size, labels, console)
     if accelerator.is_main_process:
-        ids = dataset["id"] if "id" in dataset.column_names else None
+        ids = list(table["id"]) if "id" in table.column_names else None
         lines = []
         for position, row in enumerate(rows):
             record = {"id": ids[position]} if ids is not None else {}

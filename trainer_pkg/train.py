@@ -38,10 +38,12 @@ from trainer_pkg.console import JsonlLog, RunConsole
 from trainer_pkg.data import eval_dataloader, load_tokenized, steps_per_epoch, train_dataloader
 from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
+from trainer_pkg.evaluate import TEST_REPORT_FILE, evaluate_and_report
 from trainer_pkg.inference import evaluate_dataloader
 from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
 from trainer_pkg.numerics import NonFiniteWatch, gradient_norm, weights_are_finite
 from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from trainer_pkg.tracking import TENSORBOARD_DIR, TrackerLog, resolve_trackers, start_tracking
 
 # Keys that must match to continue a run in the same output directory.
 RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
@@ -158,7 +160,7 @@ def prepare_output_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | N
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if config.overwrite_output_dir and config.resume is None:
-            for stale in (checkpoints_dir(output_dir), output_dir / "model"):
+            for stale in (checkpoints_dir(output_dir), output_dir / "model", output_dir / TENSORBOARD_DIR):
                 shutil.rmtree(stale, ignore_errors=True)
             (output_dir / "log.jsonl").unlink(missing_ok=True)
         try:
@@ -216,7 +218,8 @@ def diverged_error(config: TrainConfig, step: int | None, output_dir: Path) -> U
 
 
 def run(config: TrainConfig) -> dict:
-    accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout)
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout,
+                                   resolve_trackers(config.report_to), str(Path(config.output_dir) / TENSORBOARD_DIR))
     fill_deepspeed_config(accelerator, config.max_grad_norm)
     if config.nan_policy == "skip" and accelerator.state.deepspeed_plugin is not None:
         raise UserError("--nan_policy skip: DeepSpeed steps its optimizer itself and cannot skip a step; "
@@ -227,7 +230,8 @@ def run(config: TrainConfig) -> dict:
     stop = StopRequest().install(multi_process=accelerator.num_processes > 1, timeout_s=config.dist_timeout)
     set_seed(config.seed)
     output_dir, resume_from = prepare_output_dir(config, accelerator)
-    log = JsonlLog(output_dir / "log.jsonl" if accelerator.is_main_process else None)
+    start_tracking(accelerator, config)
+    log = JsonlLog(output_dir / "log.jsonl" if accelerator.is_main_process else None, also=TrackerLog(accelerator))
     console.rule(f"trainer_pkg: {config.model} -> {output_dir}")
     console.print(
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
@@ -444,7 +448,9 @@ def run(config: TrainConfig) -> dict:
         console.print(f"loading the best checkpoint ({best}) for export")
         load_checkpoint_state(accelerator, checkpoints_dir(output_dir) / best)
     test_started = time.time()
-    test_metrics = evaluate_dataloader(accelerator, model, test_loader, len(config.labels), console, "test")
+    test_metrics, _ = evaluate_and_report(accelerator, model, test_loader, splits["test"], config, console,
+                                          output_dir / TEST_REPORT_FILE, output_dir / "log.jsonl", "test (best model)",
+                                          progress="test")
     test_seconds = time.time() - test_started
     summary = {
         "best_checkpoint": best,
@@ -455,8 +461,7 @@ def run(config: TrainConfig) -> dict:
         "data": report.counts(),
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
-    log.write("test", **test_metrics, seconds=test_seconds)
-    console.metrics_table("test (best model)", test_metrics)
+    log.write("test", step=state.optimizer_steps, **test_metrics, seconds=test_seconds)
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         console.print(f"exported {output_dir / 'model'}")
