@@ -58,15 +58,9 @@ class DataReport:
         lines = []
         # The validation split is carved from the training file: its file-level notes are train's.
         for split, count in self.rows.items():
-            notes = []
-            if self.empty_texts.get(split):
-                notes.append(f"{self.empty_texts[split]} empty texts kept")
-            if self.truncated_texts.get(split):
-                notes.append(f"{self.truncated_texts[split]} texts truncated")
-            if self.duplicate_ids.get(split):
-                notes.append(f"{self.duplicate_ids[split]} duplicate ids kept")
-            if self.blank_lines.get(split):
-                notes.append(f"{self.blank_lines[split]} blank lines skipped")
+            counted = (("empty_texts", "empty texts kept"), ("truncated_texts", "texts truncated"),
+                       ("duplicate_ids", "duplicate ids kept"), ("blank_lines", "blank lines skipped"))
+            notes = [f"{getattr(self, name)[split]} {what}" for name, what in counted if getattr(self, name).get(split)]
             if self.ignored_columns.get(split):
                 notes.append(f"columns ignored: {', '.join(self.ignored_columns[split])}")
             if self.missing_classes.get(split):
