@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,10 +434,7 @@ def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 
 
 def texts_dataset(source: str, text_column: str, id_column: str, cache_dir: str | None = None) -> Dataset:
-    """Rows to predict from a TSV/CSV/JSONL file ('-' reads one text per line from stdin)."""
-    if source == "-":
-        texts = [line.rstrip("\r\n") for line in sys.stdin]
-        return Dataset.from_dict({"text": texts})
+    """Rows to predict from a TSV/CSV/JSONL file (stdin is streamed by trainer_pkg.predict itself)."""
     table = read_table(source, "predict", cache_dir)
     if text_column not in table.column_names:
         raise UserError(
