@@ -208,3 +208,24 @@ def test_deepspeed_zero_on_cpu_processes(stage, export, tiny_nsmc, cache_env, tm
                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631"}, check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "saved by 2 DeepSpeed processes" in refused.stderr
+
+
+@needs_deepspeed
+def test_zero3_from_scratch_gets_the_local_attention_init(tiny_model, tiny_nsmc, cache_env, tmp_path):
+    # ZeRO-3 partitions parameters while the model is built: the init must gather them to write.
+    # The local init is a function of the seed alone, so the run's export (one step at a negligible
+    # learning rate) must hold the same position table as a model built in this process.
+    import torch
+
+    from trainer_pkg.config import load_config
+    from trainer_pkg.model import build_model
+
+    output_dir = tmp_path / "zero3"
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "1", "--lr", "1e-9",
+                           "--max_train_samples", "64", "--max_eval_samples", "32")
+    launch(accelerate_launch("deepspeed_zero3.yaml", "--num_processes", "2", "--mixed_precision", "no"),
+           "trainer_pkg.train", *args, env=cache_env)
+    exported = load_file(output_dir / "model" / "model.safetensors")
+    built = build_model(load_config(args), ["negative", "positive"]).state_dict()
+    for name in ("bert.embeddings.position_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        assert torch.allclose(exported[name], built[name], atol=1e-6), name

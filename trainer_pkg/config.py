@@ -28,6 +28,7 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # fine-tuning pretrained weights, where 5e-5 is the usual choice.
 DEFAULT_LR_PRETRAINED = 5e-5
 DEFAULT_LR_FROM_SCRATCH = 2e-3
+DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH = 0.03
 REPORT_TO_CHOICES = ("auto", "none", "tensorboard", "wandb", "mlflow")
 
 
@@ -42,6 +43,9 @@ class TrainConfig:
     """Initialise the weights randomly from the model's config instead of loading pretrained weights."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Model config fields to override, KEY=VALUE,... (e.g. num_hidden_layers=2,hidden_size=128)."""
+    scratch_init: str = "local"
+    """With --from_scratch: 'local' starts the first layer's attention heads on the previous and the
+    next token (see trainer_pkg/scratch.py), 'random' keeps the model's own initialisation."""
     max_length: int | None = None
     """Truncate texts to this many tokens; default: the tokenizer's model_max_length (512 for BERT)."""
 
@@ -78,6 +82,9 @@ class TrainConfig:
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     lr: float | None = None
     """Peak learning rate; default 5e-5 for pretrained weights, 2e-3 with --from_scratch."""
+    attention_lr_scale: float | None = None
+    """Learning-rate multiplier for the position embeddings and attention query/key weights; default 1
+    for pretrained weights, 0.03 with --from_scratch (see trainer_pkg/scratch.py)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.06
@@ -141,6 +148,12 @@ class TrainConfig:
         return DEFAULT_LR_FROM_SCRATCH if self.from_scratch else DEFAULT_LR_PRETRAINED
 
     @property
+    def effective_attention_lr_scale(self) -> float:
+        if self.attention_lr_scale is not None:
+            return self.attention_lr_scale
+        return DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH if self.from_scratch else 1.0
+
+    @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
 
@@ -162,6 +175,9 @@ class TrainConfig:
         check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
         check(self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        check(self.attention_lr_scale is None or self.attention_lr_scale > 0,
+              f"attention_lr_scale must be > 0 (got {self.attention_lr_scale})")
+        check(self.scratch_init in ("local", "random"), f"scratch_init must be local or random (got {self.scratch_init!r})")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
@@ -195,6 +211,7 @@ class TrainConfig:
         """Write the resolved configuration (effective lr filled in) as YAML."""
         resolved = self.to_dict()
         resolved["lr"] = self.effective_lr
+        resolved["attention_lr_scale"] = self.effective_attention_lr_scale
         resolved.pop("debug")
         # Written beside, then renamed: a reader never sees half a file.
         temporary = path.with_name(f".{path.name}.tmp")

@@ -93,6 +93,10 @@ def resume_problem(saved: TrainConfig | None, state: TrainingState, config: Trai
             return (f"saved by a run with another {', '.join(changed)} ({key} was {getattr(saved, key)!r}, now "
                     f"{getattr(config, key)!r}); resume with the same settings, or export it and start a new run "
                     "with --model EXPORT")
+    if saved is not None and saved.attention_lr_scale not in (None, config.effective_attention_lr_scale):
+        return (f"saved with --attention_lr_scale {saved.attention_lr_scale:g}, now "
+                f"{config.effective_attention_lr_scale:g}: the optimizer's parameter groups differ; resume with "
+                f"--attention_lr_scale {saved.attention_lr_scale:g}")
     if deepspeed and state.num_processes != num_processes:
         return (f"saved by {state.num_processes} DeepSpeed processes, now {num_processes}; ZeRO shards cannot be "
                 f"re-split: resume with {state.num_processes} processes, or convert with "
@@ -240,7 +244,7 @@ def run(config: TrainConfig) -> dict:
 
     # --- tokenizer and model (before the data: a bad model path should not wait for tokenizing)
     tokenizer = load_tokenizer(config.tokenizer_name)
-    model = build_model(config, config.labels).to(accelerator.device)
+    model = build_model(config, config.labels, warn=lambda message: console.print(f"[yellow]{message}")).to(accelerator.device)
     if config.compile:
         # In place (Module.compile): parameter names, checkpoints and the export stay those of the
         # plain model. Batch lengths vary (multiples of 8): dynamic shapes compile once, not per length.
