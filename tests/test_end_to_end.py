@@ -47,7 +47,9 @@ def test_train_writes_checkpoints_log_and_export(trained):
     assert [r["step"] for r in log if r["kind"] == "validation"] == [25, 50, 63, 75, 100, 125, 126]
     assert kinds[-1] == "test"
     train_losses = [r["loss"] for r in log if r["kind"] == "train"]
-    assert train_losses[-1] < train_losses[0]
+    # The last window is one step (126 = 125 + 1), its batch the epoch's 8-row remainder: too noisy
+    # to stand alone, so the last three windows are compared with the first.
+    assert sum(train_losses[-3:]) / 3 < train_losses[0] / 2
 
     export = output_dir / "model"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
