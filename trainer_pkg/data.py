@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -487,12 +487,26 @@ def load_tokenized(
     return result, report
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Random order, but consecutive batches of similar length.
+def length_grouped_batches(lengths: list[int], seed: int, epoch: int, chunk_rows: int,
+                           cut: Callable[[list[int]], list[list[int]]], short_tail_last: bool = False) -> list[list[int]]:
+    """Random order, but batches of similar length: shuffle all indices, sort each chunk of
+    `chunk_rows` longest first, `cut` it into batches, shuffle the batches. A function of
+    (seed, epoch) alone, so `skip_first_batches` resumes exactly."""
+    # Mixed so that (seed, epoch + 1) never replays (seed + 1, epoch).
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk_rows):
+        batches += cut(sorted(order[start:start + chunk_rows], key=lengths.__getitem__, reverse=True))
+    tail = [batches.pop()] if short_tail_last and batches and len(batches[-1]) < len(batches[0]) else []
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + tail
 
-    Shuffle all indices, cut them into mega-batches of `group` batches, sort each mega-batch by
-    length, cut it into batches, shuffle the batches. Only the last batch may be short, and it
-    stays last so a DataLoader with the same batch_size cuts exactly these batches.
+
+class LengthGroupedSampler(Sampler[int]):
+    """Row indices in length_grouped_batches order, in batches of `batch_size` rows.
+
+    Only the last batch may be short, and it stays last so a DataLoader with the same batch_size
+    cuts exactly these batches.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 50):
@@ -509,27 +523,18 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        # Mixed so that (seed, epoch + 1) never replays (seed + 1, epoch).
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        mega = self.batch_size * self.group
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = sorted(order[start:start + mega], key=self.lengths.__getitem__, reverse=True)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        for batch in shuffled + tail:
+        size = self.batch_size
+        for batch in length_grouped_batches(self.lengths, self.seed, self.epoch, size * self.group,
+                                            lambda chunk: [chunk[i:i + size] for i in range(0, len(chunk), size)],
+                                            short_tail_last=True):
             yield from batch
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
     """Batches holding at most `max_tokens` padded tokens each: many short texts or a few long ones.
 
-    Same recipe as LengthGroupedSampler (shuffle, sort within mega-batches, shuffle the batches),
-    but a batch grows while (rows + 1) x its padded length fits the budget. Lengths are counted
-    padded to a multiple of 8, as the collator pads them. The batches of an epoch are fixed by
-    (seed, epoch), so `skip_first_batches` resumes exactly.
+    length_grouped_batches, with a batch growing while (rows + 1) x its padded length fits the
+    budget. Lengths are counted padded to a multiple of 8, as the collator pads them.
     """
 
     def __init__(self, lengths: list[int], max_tokens: int, seed: int, group_rows: int = 8192):
@@ -541,21 +546,19 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        self.batches = length_grouped_batches(self.lengths, self.seed, epoch, self.group_rows, self._cut)
+
+    def _cut(self, chunk: list[int]) -> list[list[int]]:
         batches: list[list[int]] = []
-        for start in range(0, len(order), self.group_rows):
-            chunk = sorted(order[start:start + self.group_rows], key=self.lengths.__getitem__, reverse=True)
-            batch: list[int] = []
-            for index in chunk:
-                # Longest first, so the first row of a batch fixes its padded length.
-                width = -(-self.lengths[batch[0] if batch else index] // 8) * 8
-                if batch and (len(batch) + 1) * width > self.max_tokens:
-                    batches.append(batch)
-                    batch = []
-                batch.append(index)
-            batches.append(batch)
-        self.batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        batch: list[int] = []
+        for index in chunk:
+            # Longest first, so the first row of a batch fixes its padded length.
+            width = -(-self.lengths[batch[0] if batch else index] // 8) * 8
+            if batch and (len(batch) + 1) * width > self.max_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        return batches + [batch]
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -103,16 +103,16 @@ def build_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.
     """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
     scale = config.effective_attention_lr_scale
     slow = attention_geometry_parameters(model) if scale != 1 else set()
-    groups = {}
+    by_setting: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for parameter in model.parameters():
         if parameter.requires_grad:
             weight_decay = 0.0 if parameter.ndim < 2 else config.weight_decay
             lr = config.effective_lr * (scale if id(parameter) in slow else 1.0)
-            groups.setdefault((weight_decay, lr), []).append(parameter)
+            by_setting.setdefault((weight_decay, lr), []).append(parameter)
     # The fused kernel (CUDA, and CPU since torch 2.4) is one pass over each parameter; on the CPU
     # proxy it cut the optimizer step from ~48 ms to ~6 ms (13.6M embedding rows updated per step).
     on_cpu_or_cuda = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    groups = [{"params": params, "weight_decay": weight_decay, "lr": lr} for (weight_decay, lr), params in groups.items()]
+    groups = [{"params": params, "weight_decay": weight_decay, "lr": lr} for (weight_decay, lr), params in by_setting.items()]
     return torch.optim.AdamW(groups, lr=config.effective_lr, fused=on_cpu_or_cuda or None,
                              foreach=None if on_cpu_or_cuda else True)
 
