@@ -46,6 +46,8 @@ def test_train_writes_checkpoints_log_and_export(trained):
     # Every 25 steps, at the end of epoch 1 (step 63), and at the end.
     assert [r["step"] for r in log if r["kind"] == "validation"] == [25, 50, 63, 75, 100, 125, 126]
     assert kinds[-1] == "test"
+    best_steps = [r["step"] for r in log if r["kind"] == "validation" and r["best"]]
+    assert log[-1]["step"] == best_steps[-1]  # the test score is the best checkpoint's
     train_losses = [r["loss"] for r in log if r["kind"] == "train"]
     # The last window is one step (126 = 125 + 1), its batch the epoch's 8-row remainder: too noisy
     # to stand alone, so the last three windows are compared with the first.

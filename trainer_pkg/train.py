@@ -465,7 +465,8 @@ def run(config: TrainConfig) -> dict:
         "data": report.counts(),
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
-    log.write("test", step=state.optimizer_steps, **test_metrics, seconds=test_seconds)
+    # The step of the weights scored: the best checkpoint's, not the last step's.
+    log.write("test", step=state.best_validation.get("step", state.optimizer_steps), **test_metrics, seconds=test_seconds)
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         console.print(f"exported {output_dir / 'model'}")
