@@ -89,7 +89,8 @@ def learning_rates(model, optimizer):
 def test_attention_geometry_learns_slower_from_scratch(tiny_model):
     config = scratch_config(tiny_model, "--lr", "1e-3")
     model = build_model(config, ["negative", "positive"])
-    rates = learning_rates(model, build_optimizer(model, config))
+    optimizer = build_optimizer(model, config)
+    rates = learning_rates(model, optimizer)
     slow = {name for name, lr in rates.items() if lr == pytest.approx(3e-5)}
     assert "bert.embeddings.position_embeddings.weight" in slow
     assert {f"bert.encoder.layer.{i}.attention.self.{part}.{kind}"
@@ -97,7 +98,6 @@ def test_attention_geometry_learns_slower_from_scratch(tiny_model):
     assert "bert.embeddings.word_embeddings.weight" not in slow
     assert all(lr == pytest.approx(1e-3) for name, lr in rates.items() if name not in slow)
     # Every parameter is in exactly one group, and decay still skips biases and LayerNorm weights.
-    optimizer = build_optimizer(model, config)
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
     decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
     assert all((id(p) in decayed) == (p.ndim >= 2) for p in model.parameters())
@@ -116,13 +116,20 @@ def test_attention_lr_scale_flag_and_pretrained_default(tiny_model, tmp_path):
                        model.base_model.embeddings.position_embeddings.weight)
 
 
-def test_non_bert_model_keeps_its_init_and_says_so(tiny_model):
+def test_non_bert_model_keeps_its_init_and_says_so(tmp_path):
     config = DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     assert init_local_attention(model, seed=0) is False
     assert all(torch.equal(before[name], parameter) for name, parameter in model.named_parameters())
+    # Through the real entry point, the run is told why its --scratch_init local did nothing.
+    config.save_pretrained(tmp_path)
+    warnings = []
+    built = build_model(load_config(["--model", str(tmp_path), "--from_scratch"]), ["negative", "positive"],
+                        warn=warnings.append)
+    assert type(built).__name__ == "DistilBertForSequenceClassification"
+    assert len(warnings) == 1 and "DistilBertForSequenceClassification is not a BERT-style encoder" in warnings[0]
 
 
 def test_bad_scratch_options_are_reported():

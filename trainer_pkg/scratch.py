@@ -108,7 +108,7 @@ def init_local_attention(model: PreTrainedModel, seed: int) -> bool:
     pairs_per_head = head_dim // 2
     for head in range(heads):
         shift = 1.0 if head % 2 == 0 else -1.0
-        for slot, pair in enumerate(range(head % heads, pairs, heads)[:pairs_per_head]):
+        for slot, pair in enumerate(range(head, pairs, heads)[:pairs_per_head]):
             row, column = head * head_dim + 2 * slot, 2 * pair
             cos, sin = math.cos(frequencies[pair] * shift), math.sin(frequencies[pair] * shift)
             query[row, column] = query[row + 1, column + 1] = 1.0
