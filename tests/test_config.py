@@ -13,6 +13,8 @@ import yaml
 
 from trainer_pkg.config import (
     DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH,
+    DEFAULT_BATCH_CPU,
+    DEFAULT_BATCH_GPU,
     DEFAULT_LR_FROM_SCRATCH,
     DEFAULT_LR_PRETRAINED,
     FIELD_NAMES,
@@ -52,6 +54,30 @@ def test_effective_lr_depends_on_from_scratch_unless_set():
     assert load_config(["--from_scratch"]).effective_lr == DEFAULT_LR_FROM_SCRATCH
     assert load_config(["--from_scratch", "--lr", "0.25"]).effective_lr == 0.25
     assert load_config(["--lr", "3e-4"]).effective_lr == pytest.approx(3e-4, rel=1e-15)
+
+
+
+def test_batch_size_default_depends_on_the_device_unless_set(tmp_path):
+    config = load_config([])
+    assert config.per_device_batch_size is None
+    assert config.for_device("cpu").per_device_batch_size == DEFAULT_BATCH_CPU == 64
+    assert config.for_device("cuda").per_device_batch_size == DEFAULT_BATCH_GPU
+    assert load_config(["--per_device_batch_size", "24"]).for_device("cuda").per_device_batch_size == 24
+    # What a run saves is the resolved value: a resume on another device keeps the batch it started with.
+    config.for_device("cuda").save(tmp_path / "config.yaml")
+    assert config_from_file(tmp_path / "config.yaml").for_device("cpu").per_device_batch_size == DEFAULT_BATCH_GPU
+
+
+def test_default_lr_follows_the_square_root_of_the_global_batch():
+    scratch = load_config(["--from_scratch"])
+    assert scratch.for_device("cpu").lr == DEFAULT_LR_FROM_SCRATCH  # batch 64, where it was tuned
+    assert scratch.for_device("cuda").lr == pytest.approx(DEFAULT_LR_FROM_SCRATCH * (DEFAULT_BATCH_GPU / 64) ** 0.5)
+    # Global batch = per device x processes x accumulation: 16 x 2 x 8 = 256 -> x2.
+    accumulated = load_config(["--per_device_batch_size", "16", "--grad_accum", "8"])
+    assert accumulated.for_device("cpu", num_processes=2).lr == pytest.approx(2 * DEFAULT_LR_PRETRAINED)
+    # A learning rate given is used as given; token budgets have no fixed batch to scale by.
+    assert load_config(["--lr", "3e-4", "--per_device_batch_size", "512"]).for_device("cpu").lr == pytest.approx(3e-4)
+    assert load_config(["--max_tokens_per_batch", "4096"]).for_device("cuda").effective_lr == DEFAULT_LR_PRETRAINED
 
 
 # --- YAML and command line --------------------------------------------------------------------

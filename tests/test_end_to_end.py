@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_module, tiny_train_args
+from conftest import run_commands, run_module, tiny_train_args
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
@@ -161,3 +161,17 @@ def test_bad_inputs_give_one_line_errors(case, tiny_model, tiny_nsmc, cache_env,
 def test_evaluate_rejects_a_directory_that_is_not_a_model(tmp_path, cache_env):
     message = one_line_error(run_module("trainer_pkg.evaluate", tmp_path, env=cache_env, check=False))
     assert "config.json" in message
+
+
+def test_a_default_batch_that_leaves_few_steps_per_epoch_says_so(tiny_model, tiny_nsmc, cache_env, tmp_path):
+    args = tiny_train_args(tiny_model, tiny_nsmc, tmp_path / "default", "--max_steps", "2")
+    at = args.index("--per_device_batch_size")
+    default_batch = args[:at] + args[at + 2:]
+    runs = run_commands({"default": ["trainer_pkg.train", *default_batch],
+                         "chosen": ["trainer_pkg.train", *tiny_train_args(tiny_model, tiny_nsmc, tmp_path / "chosen",
+                                                                           "--max_steps", "2")]},
+                        cache_env, tmp_path / "runs")
+    shown = {name: " ".join(result.stderr.split()) for name, result in runs.items()}
+    # 1,000 training rows at the CPU default of 64: 16 steps per epoch.
+    assert "only 16 optimizer steps per epoch at the default batch (64 per device)" in shown["default"], shown["default"]
+    assert "optimizer steps per epoch at the default batch" not in shown["chosen"]

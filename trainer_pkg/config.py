@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -29,7 +30,16 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # sweep on the offline proxy with the local attention init (README, "Defaults for from-scratch runs").
 DEFAULT_LR_PRETRAINED = 5e-5
 DEFAULT_LR_FROM_SCRATCH = 1e-3
+# Both are tuned at a global batch of 64 rows. Other batches get them scaled by sqrt(batch / 64),
+# the square-root rule for Adam: on the proxy at batch 512 it scored 0.800, against 0.793 for the
+# unscaled 1e-3 (README, "Defaults for from-scratch runs").
+DEFAULT_LR_BATCH = 64
 DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH = 0.03
+# Measured per-step costs decide these (README "Performance"): on the CPU the arithmetic of a batch
+# dominates and small batches learn the most per epoch; on a GPU, a BERT-base step costs ~40 ms of
+# kernel launches whatever the batch, so batch 64 leaves the GPU mostly idle.
+DEFAULT_BATCH_CPU = 64
+DEFAULT_BATCH_GPU = 512
 REPORT_TO_CHOICES = ("auto", "none", "tensorboard", "wandb", "mlflow")
 
 
@@ -82,7 +92,9 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     lr: float | None = None
-    """Peak learning rate; default 5e-5 for pretrained weights, 1e-3 with --from_scratch."""
+    """Peak learning rate; default 5e-5 for pretrained weights, 1e-3 with --from_scratch, each at a global
+    batch of 64 rows and scaled by sqrt(global batch / 64) for other batch sizes (not with
+    --max_tokens_per_batch, whose batches vary)."""
     attention_lr_scale: float | None = None
     """Learning-rate multiplier for the position embeddings and attention query/key weights; default 1
     for pretrained weights, 0.03 with --from_scratch (see trainer_pkg/scratch.py)."""
@@ -90,8 +102,9 @@ class TrainConfig:
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.06
     """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
-    per_device_batch_size: int = 64
-    """Training examples per process per forward pass."""
+    per_device_batch_size: int | None = None
+    """Training examples per process per forward pass; default 64 on the CPU, 512 on a GPU, where a
+    step's fixed cost (kernel launches, the optimizer pass) needs a large batch to keep the GPU busy."""
     grad_accum: int = 1
     """Forward passes accumulated per optimizer step; global batch = per-device batch x processes x this."""
     eval_batch_size: int = 256
@@ -154,6 +167,17 @@ class TrainConfig:
             return self.attention_lr_scale
         return DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH if self.from_scratch else 1.0
 
+    def for_device(self, device_type: str, num_processes: int = 1) -> TrainConfig:
+        """This config with the defaults that depend on the hardware filled in: the per-device batch,
+        and the learning rate for the resulting global batch."""
+        batch = self.per_device_batch_size
+        if batch is None:
+            batch = DEFAULT_BATCH_GPU if device_type == "cuda" else DEFAULT_BATCH_CPU
+        lr = self.lr
+        if lr is None and not self.max_tokens_per_batch:
+            lr = self.effective_lr * math.sqrt(batch * num_processes * self.grad_accum / DEFAULT_LR_BATCH)
+        return dataclasses.replace(self, per_device_batch_size=batch, lr=lr)
+
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
@@ -166,9 +190,9 @@ class TrainConfig:
             if not ok:
                 problems.append(message)
 
-        for name in ("epochs", "per_device_batch_size", "grad_accum", "eval_batch_size", "log_every"):
+        for name in ("epochs", "grad_accum", "eval_batch_size", "log_every"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_length"):
+        for name in ("per_device_batch_size", "max_steps", "max_train_samples", "max_eval_samples", "max_length"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{name} must be >= 1 or unset (got {value})")
         for name in ("eval_every", "save_every", "validation_size", "num_workers", "max_tokens_per_batch"):

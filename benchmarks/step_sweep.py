@@ -1,0 +1,159 @@
+"""Steady-state step time of trainer_pkg's training loop across batch shapes, and evaluation time.
+
+    python benchmarks/step_sweep.py --shared ../shared --shapes b64 b256 b512 t16384 --eval_batches 256 1024
+    python benchmarks/step_sweep.py --shared ../shared --model_size proxy      # the CPU proxy
+
+A tuning aid for choosing batch defaults per device, not a test: for each batch shape (`bN`: N rows;
+`tN`: up to N padded tokens) it trains the same model with the same loop body as
+`trainer_pkg.train` (forward, backward, clipping, fused AdamW, no host sync) on the real NSMC
+training rows, skips `--warmup` steps, then times `--steps` steps and prints ms/step, samples/s,
+real tokens/s, padding efficiency and, on a GPU, how busy the GPU was (`--profile`: kernel time /
+wall time over 10 steps of the first shape; well under 100% means the host CPU, launching
+kernels, bounds the step). Then it times scoring the whole test split at each `--eval_batches`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a plain checkout (the GPU image) too
+
+import torch  # noqa: E402
+
+from benchmarks.benchmark import PROXY  # noqa: E402
+from trainer_pkg.config import TrainConfig  # noqa: E402
+from trainer_pkg.data import eval_dataloader, load_tokenized, train_dataloader  # noqa: E402
+from trainer_pkg.distributed import make_accelerator  # noqa: E402
+from trainer_pkg.inference import evaluate_dataloader  # noqa: E402
+from trainer_pkg.model import build_model, build_optimizer, load_tokenizer  # noqa: E402
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def shape_config(config: TrainConfig, shape: str) -> TrainConfig:
+    kind, size = shape[0], int(shape[1:])
+    if kind == "b":
+        return dataclasses.replace(config, per_device_batch_size=size, max_tokens_per_batch=0)
+    if kind == "t":
+        return dataclasses.replace(config, max_tokens_per_batch=size)
+    raise SystemExit(f"error: shape {shape!r}: use bN (N rows) or tN (up to N padded tokens)")
+
+
+def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: int, steps: int,
+               profile: bool) -> dict:
+    loader = accelerator.prepare(train_dataloader(train, tokenizer, config))
+    batches = iter(loader)
+    running_loss = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    samples = padded = 0
+
+    def step(batch) -> None:
+        nonlocal samples, padded, running_loss, tokens
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running_loss += loss.detach()
+        tokens += batch["attention_mask"].sum()
+        samples += batch["labels"].shape[0]
+        padded += batch["input_ids"].numel()
+
+    for _ in range(warmup):
+        step(next(batches))
+    busy = None
+    if profile and torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        synchronize()
+        started = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            for _ in range(10):
+                step(next(batches))
+            synchronize()
+        wall = time.perf_counter() - started
+        kernels = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = {"kernel_ms_per_step": sum(e.device_time for e in kernels) / 1e3 / 10,
+                "wall_ms_per_step": wall * 1e3 / 10, "kernels_per_step": len(kernels) / 10}
+    synchronize()
+    running_loss.zero_()
+    tokens.zero_()
+    samples = padded = 0
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches))
+    synchronize()
+    seconds = time.perf_counter() - started
+    real = float(tokens)
+    return {"ms_per_step": seconds * 1e3 / steps, "samples_per_s": samples / seconds, "tokens_per_s": real / seconds,
+            "padding_efficiency": real / max(padded, 1), "rows_per_step": samples / steps, "busy": busy,
+            "loss": float(running_loss) / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="holds data/nsmc and models/")
+    parser.add_argument("--model_size", choices=("proxy", "base"), default="base")
+    parser.add_argument("--shapes", nargs="+", default=["b64", "b256", "b512", "t16384"])
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps per shape (cuBLAS/allocator warm-up)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per shape")
+    parser.add_argument("--eval_batches", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--profile", action="store_true", help="GPU busy fraction over 10 steps of each shape")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (as --compile does)")
+    parser.add_argument("--cache_dir", default=str(REPO / "runs" / "sweep_cache"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    shared = Path(args.shared)
+    config = TrainConfig(data=str(shared / "data" / "nsmc"), model=str(shared / "models" / "bert-base-multilingual-uncased"),
+                         from_scratch=True, model_overrides=PROXY if args.model_size == "proxy" else {},
+                         cache_dir=args.cache_dir, compile=args.compile)
+    accelerator = make_accelerator(config.mixed_precision)
+    tokenizer = load_tokenizer(config.tokenizer_name)
+    started = time.perf_counter()
+    splits, _ = load_tokenized(config, tokenizer, splits=("train", "test"))
+    print(f"data: {len(splits['train']):,} train / {len(splits['test']):,} test rows, {time.perf_counter() - started:.1f} s",
+          flush=True)
+    model = build_model(config, config.labels).to(accelerator.device)
+    if args.compile:
+        model.compile(dynamic=True)
+    optimizer = build_optimizer(model, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.model_size} model on {device}, precision {accelerator.mixed_precision}, compile {args.compile}", flush=True)
+    header = f"{'shape':>8} {'rows/step':>9} {'ms/step':>8} {'samples/s':>10} {'tokens/s':>10} {'pad eff':>7} {'GPU busy':>9}"
+    print(header, flush=True)
+    for shape in args.shapes:
+        started = time.perf_counter()
+        result = time_shape(accelerator, model, optimizer, splits["train"], tokenizer, shape_config(config, shape),
+                            args.warmup, args.steps, args.profile)
+        busy = result["busy"]
+        busy_text = (f"{busy['kernel_ms_per_step'] / busy['wall_ms_per_step']:.0%} ({busy['kernels_per_step']:.0f} kernels)"
+                     if busy else "-")
+        print(f"{shape:>8} {result['rows_per_step']:9.0f} {result['ms_per_step']:8.1f} {result['samples_per_s']:10,.0f} "
+              f"{result['tokens_per_s']:10,.0f} {result['padding_efficiency']:7.2f} {busy_text:>9}   "
+              f"({time.perf_counter() - started:.0f} s with warm-up, loss {result['loss']:.3f})", flush=True)
+    for batch_size in args.eval_batches:
+        loader = accelerator.prepare(eval_dataloader(splits["test"], tokenizer, batch_size, config.num_workers))
+        for attempt in ("warm-up", "timed"):
+            synchronize()
+            started = time.perf_counter()
+            metrics = evaluate_dataloader(accelerator, model, loader, len(config.labels))
+            seconds = time.perf_counter() - started
+        print(f"test split ({len(splits['test']):,} rows) at eval batch {batch_size}: {seconds:.2f} s "
+              f"({len(splits['test']) / seconds:,.0f} rows/s, accuracy {metrics['accuracy']:.4f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
