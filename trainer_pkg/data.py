@@ -328,6 +328,11 @@ def label_ids(values: list, names: list[str]) -> tuple[list[int], int | None]:
 LABEL_HINT = "fix the row or pass --labels"
 
 
+def column_values(dataset: Dataset, name: str) -> list:
+    """A whole column in row order, in one Arrow read (`dataset[name]` formats row by row: ~100x slower)."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str, report: DataReport,
                     label_hint: str = LABEL_HINT) -> Dataset:
     """Check columns and labels; normalise texts to strings and labels to ids."""
@@ -370,7 +375,7 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
     )
     if keep and config.id_column != "id":
         cleaned = cleaned.rename_column(config.id_column, "id")
-    report.empty_texts[split] = sum(1 for text in cleaned["text"] if not text.strip())
+    report.empty_texts[split] = sum(1 for text in column_values(cleaned, "text") if not text.strip())
     count_handled_problems(cleaned, columns, config, split, report)
     return cleaned
 
@@ -379,17 +384,17 @@ def count_handled_problems(cleaned: Dataset, columns: list[str], config: TrainCo
                            report: DataReport) -> None:
     """Duplicate ids, ignored columns and absent classes: kept, counted and reported, not errors."""
     if "id" in cleaned.column_names:
-        ids = cleaned["id"]
+        ids = column_values(cleaned, "id")
         report.duplicate_ids[split] = len(ids) - len(set(ids))
     used = {config.text_column, config.label_column, config.id_column}
     report.ignored_columns[split] = [c for c in columns if c not in used]
-    present = set(cleaned["labels"])
+    present = set(column_values(cleaned, "labels"))
     report.missing_classes[split] = [name for i, name in enumerate(config.labels) if i not in present]
 
 
 def require_two_classes(cleaned: Dataset, source: str, config: TrainConfig) -> None:
     """A training file with one class trains a constant predictor: stop instead of reporting it."""
-    present = sorted(set(cleaned["labels"]))
+    present = sorted(set(column_values(cleaned, "labels")))
     if len(present) == 1:
         raise UserError(
             f"{source}: every row has label {config.labels[present[0]]!r} ({len(cleaned):,} rows); training needs "

@@ -23,7 +23,15 @@ from datasets import Dataset
 
 from trainer_pkg.config import ArgParser, TrainConfig, config_from_file
 from trainer_pkg.console import RunConsole, print_json, write_output
-from trainer_pkg.data import DataReport, check_and_clean, eval_dataloader, read_table, source_files, tokenize
+from trainer_pkg.data import (
+    DataReport,
+    check_and_clean,
+    column_values,
+    eval_dataloader,
+    read_table,
+    source_files,
+    tokenize,
+)
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import metrics_from_outputs, predict_logits
@@ -75,10 +83,10 @@ def evaluate_and_report(accelerator: Accelerator, model, loader, dataset: Datase
     if not accelerator.is_main_process:
         return metrics, None
     if texts is None:
-        texts = list(test_table(config, DataReport())["text"])
+        texts = column_values(test_table(config, DataReport()), "text")
     probabilities = torch.softmax(torch.from_numpy(outputs["logits"]).double(), dim=-1).numpy()
-    ids = list(dataset["id"]) if "id" in dataset.column_names else None
-    sections = build_report(probabilities, outputs["labels"], config.labels, np.asarray(list(dataset["length"])),
+    ids = column_values(dataset, "id") if "id" in dataset.column_names else None
+    sections = build_report(probabilities, outputs["labels"], config.labels, np.asarray(column_values(dataset, "length")),
                             texts=texts, ids=ids, top_k=top_wrong)
     report = {**metrics, **(details or {}), **sections}
     console.metrics_table(title, metrics)
@@ -146,7 +154,7 @@ def main(argv: list[str]) -> int:
                    missing_classes=report.missing_classes.get("test", []))
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
     _, written = evaluate_and_report(accelerator, model, loader, dataset, config, console, output, run_log(model_dir),
-                                     f"{model_dir} on {source}", texts=list(table["text"]), details=details,
+                                     f"{model_dir} on {source}", texts=column_values(table, "text"), details=details,
                                      top_wrong=args.top_wrong)
     if accelerator.is_main_process:
         print_json(written)

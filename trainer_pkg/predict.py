@@ -26,7 +26,7 @@ from datasets import Dataset
 
 from trainer_pkg.config import ArgParser
 from trainer_pkg.console import RunConsole, write_output
-from trainer_pkg.data import DataReport, eval_dataloader, texts_dataset, tokenize
+from trainer_pkg.data import DataReport, column_values, eval_dataloader, texts_dataset, tokenize
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import saved_run_config
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     model = accelerator.prepare_model(model, evaluation_mode=True)
     rows = predict_dataset(accelerator, model, tokenizer, dataset, args.batch_size, labels, console)
     if accelerator.is_main_process:
-        ids = list(table["id"]) if "id" in table.column_names else None
+        ids = column_values(table, "id") if "id" in table.column_names else None
         lines = []
         for position, row in enumerate(rows):
             record = {"id": ids[position]} if ids is not None else {}
