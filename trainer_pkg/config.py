@@ -32,12 +32,12 @@ DEFAULT_LR_PRETRAINED = 5e-5
 DEFAULT_LR_FROM_SCRATCH = 1e-3
 # Both are tuned at a global batch of 64 rows. Other batches get them scaled by sqrt(batch / 64),
 # the square-root rule for Adam: on the proxy at batch 512 it scored 0.800, against 0.793 for the
-# unscaled 1e-3 (README, "Defaults for from-scratch runs").
+# unscaled 1e-3 (README, "Batch size and learning rate on a GPU").
 DEFAULT_LR_BATCH = 64
 DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH = 0.03
-# Measured per-step costs decide these (README "Performance"): on the CPU the arithmetic of a batch
-# dominates and small batches learn the most per epoch; on a GPU, a BERT-base step costs ~40 ms of
-# kernel launches whatever the batch, so batch 64 leaves the GPU mostly idle.
+# Measured per-step costs decide these (docs/performance.md): on the CPU the arithmetic of a batch
+# dominates and small batches learn the most per epoch; on the H100 we measured, a BERT-base step
+# cost 65-100 ms of host-side kernel launches whatever the batch, and batch 64 kept the GPU 9% busy.
 DEFAULT_BATCH_CPU = 64
 DEFAULT_BATCH_GPU = 512
 REPORT_TO_CHOICES = ("auto", "none", "tensorboard", "wandb", "mlflow")
