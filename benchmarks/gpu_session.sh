@@ -73,5 +73,7 @@ cp runs/bench_base/benchmark.json "$out/logs/" 2>/dev/null
 tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
 # Last, and only when asked: what it prints comes back even if the command's time runs out here.
 mkdir -p "$out/logs"
-[[ ${COMPILE_TIMEOUT:-0} -gt 0 ]] && step sweep_compile "$COMPILE_TIMEOUT" python3 benchmarks/step_sweep.py --shared "$shared" --cache_dir "$cache" \
-    --compile --shapes b256 b512 --eval_batches 1024
+if [[ ${COMPILE_TIMEOUT:-0} -gt 0 ]]; then
+    step sweep_compile "$COMPILE_TIMEOUT" python3 benchmarks/step_sweep.py --shared "$shared" --cache_dir "$cache" \
+        --compile --shapes b256 b512 --eval_batches 1024
+fi
