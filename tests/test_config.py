@@ -56,7 +56,6 @@ def test_effective_lr_depends_on_from_scratch_unless_set():
     assert load_config(["--lr", "3e-4"]).effective_lr == pytest.approx(3e-4, rel=1e-15)
 
 
-
 def test_batch_size_default_depends_on_the_device_unless_set(tmp_path):
     config = load_config([])
     assert config.per_device_batch_size is None

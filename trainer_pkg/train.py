@@ -228,7 +228,8 @@ def run(config: TrainConfig) -> dict:
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout,
                                    resolve_trackers(config.report_to), str(Path(config.output_dir) / TENSORBOARD_DIR))
     fill_deepspeed_config(accelerator, config.max_grad_norm)
-    batch_is_default = config.per_device_batch_size is None
+    # With a token budget the row batch is not used, and there is no default batch to warn about.
+    batch_is_default = config.per_device_batch_size is None and not config.max_tokens_per_batch
     config = config.for_device(accelerator.device.type, accelerator.num_processes)
     if config.nan_policy == "skip" and accelerator.state.deepspeed_plugin is not None:
         raise UserError("--nan_policy skip: DeepSpeed steps its optimizer itself and cannot skip a step; "
