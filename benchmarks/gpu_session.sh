@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the performance issue in one run (one H100, ~8 minutes):
-#   1. step_sweep.py: steady-state step time of the training loop at batch 64..1024 and at token
-#      budgets, with the GPU's busy fraction, and the time to score the 50k test split;
+#   0. the GPU tests: no host sync per step or evaluation batch (CUDA's sync-debug mode counts
+#      blocking copies too), fp16 loss scaling; pytest comes from the carried wheels;
+#   1. step_sweep.py: steady-state step time of the training loop at batch 256..1024 and at a
+#      token budget, each also with the host syncs the loop used to have (side by side), with the
+#      GPU's busy fraction, and the time to score the 50k test split;
 #   2. a full NSMC epoch (145k train rows after the 5k validation split, 50k test rows) with the
 #      GPU defaults, then benchmark.py --model_size base: the origin recipe vs trainer_pkg defaults
 #      on the same BENCH_SAMPLES rows (mBERT-base architecture, random init), side by side;
@@ -41,12 +44,14 @@ full_epoch() {  # name, timeout, extra flags...
     cp "runs/full_$name/log.jsonl" "$out/logs/full_$name.jsonl" 2>/dev/null
 }
 
-SHOW_LINES=20 step sweep 200 python3 benchmarks/step_sweep.py --shared "$shared" --cache_dir "$cache" --profile \
-    --shapes b64 b256 b512 b1024 t16384 t32768 --eval_batches 256 1024 4096
-full_epoch defaults 110
-step bench 150 python3 benchmarks/benchmark.py --shared "$shared" --model_size base --samples "${BENCH_SAMPLES:-10000}" \
+step gpu_tests 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
+    tests/test_numerics.py::test_fp16_overflow_steps_are_counted_and_reported
+SHOW_LINES=20 step sweep 180 python3 benchmarks/step_sweep.py --shared "$shared" --cache_dir "$cache" --profile \
+    --with_syncs --shapes b256 b512 b1024 t32768 --eval_batches 256 1024
+full_epoch defaults 100
+step bench 140 python3 benchmarks/benchmark.py --shared "$shared" --model_size base --samples "${BENCH_SAMPLES:-10000}" \
     --test_samples 2000 --skip_tuned --quiet --out runs/bench_base
-full_epoch batch1024 90 --per_device_batch_size 1024 --lr 2e-3
+full_epoch batch1024 80 --per_device_batch_size 1024 --lr 2e-3
 
 echo "=== summary"
 python3 - "$model" <<'EOF' | tee "$out/summary.txt"

@@ -9,7 +9,8 @@ A tuning aid for choosing batch defaults per device, not a test: for each batch 
 training rows, skips `--warmup` steps, then times `--steps` steps and prints ms/step, samples/s,
 real tokens/s, padding efficiency and, on a GPU, how busy the GPU was (`--profile`: kernel time /
 wall time over 10 steps of the first shape; well under 100% means the host CPU, launching
-kernels, bounds the step). Then it times scoring the whole test split at each `--eval_batches`.
+kernels, bounds the step; `--with_syncs`: each shape also as the loop ran with a host sync per
+step, side by side). Then it times scoring the whole test split at each `--eval_batches`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from trainer_pkg.config import TrainConfig  # noqa: E402
 from trainer_pkg.data import eval_dataloader, load_tokenized, train_dataloader  # noqa: E402
 from trainer_pkg.distributed import make_accelerator  # noqa: E402
 from trainer_pkg.inference import evaluate_dataloader  # noqa: E402
-from trainer_pkg.model import build_model, build_optimizer, load_tokenizer  # noqa: E402
+from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, load_tokenizer, model_inputs  # noqa: E402
 
 
 def synchronize() -> None:
@@ -49,8 +50,13 @@ def shape_config(config: TrainConfig, shape: str) -> TrainConfig:
 
 
 def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: int, steps: int,
-               profile: bool) -> dict:
+               profile: bool, with_syncs: bool = False) -> dict:
     loader = accelerator.prepare(train_dataloader(train, tokenizer, config))
+    # with_syncs: the loop before the sync-free step, for a side-by-side measurement: a blocking
+    # copy of each batch, and the model's own check of the padding mask (a sync in every forward).
+    prepared_mask = not with_syncs and accepts_prepared_mask(accelerator.unwrap_model(model))
+    if with_syncs:
+        loader._non_blocking = False
     batches = iter(loader)
     running_loss = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -58,7 +64,7 @@ def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: 
 
     def step(batch) -> None:
         nonlocal samples, padded, running_loss, tokens
-        loss = model(**batch).loss
+        loss = model(**model_inputs(batch, prepared_mask)).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -110,6 +116,9 @@ def main() -> None:
     parser.add_argument("--eval_batches", type=int, nargs="*", default=[256, 1024])
     parser.add_argument("--profile", action="store_true", help="GPU busy fraction over 10 steps of each shape")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (as --compile does)")
+    parser.add_argument("--with_syncs", action="store_true",
+                        help="also time each shape with a host sync per step (blocking batch copies, the model's "
+                             "own padding-mask check), as the loop ran before they were removed")
     parser.add_argument("--cache_dir", default=str(REPO / "runs" / "sweep_cache"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,18 +141,21 @@ def main() -> None:
     model.train()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model_size} model on {device}, precision {accelerator.mixed_precision}, compile {args.compile}", flush=True)
-    header = f"{'shape':>8} {'rows/step':>9} {'ms/step':>8} {'samples/s':>10} {'tokens/s':>10} {'pad eff':>7} {'GPU busy':>9}"
+    header = f"{'shape':>11} {'rows/step':>9} {'ms/step':>8} {'samples/s':>10} {'tokens/s':>10} {'pad eff':>7} {'GPU busy':>9}"
     print(header, flush=True)
+    variants = (False, True) if args.with_syncs else (False,)
     for shape in args.shapes:
-        started = time.perf_counter()
-        result = time_shape(accelerator, model, optimizer, splits["train"], tokenizer, shape_config(config, shape),
-                            args.warmup, args.steps, args.profile)
-        busy = result["busy"]
-        busy_text = (f"{busy['kernel_ms_per_step'] / busy['wall_ms_per_step']:.0%} ({busy['kernels_per_step']:.0f} kernels)"
-                     if busy else "-")
-        print(f"{shape:>8} {result['rows_per_step']:9.0f} {result['ms_per_step']:8.1f} {result['samples_per_s']:10,.0f} "
-              f"{result['tokens_per_s']:10,.0f} {result['padding_efficiency']:7.2f} {busy_text:>9}   "
-              f"({time.perf_counter() - started:.0f} s with warm-up, loss {result['loss']:.3f})", flush=True)
+        for with_syncs in variants:
+            started = time.perf_counter()
+            result = time_shape(accelerator, model, optimizer, splits["train"], tokenizer, shape_config(config, shape),
+                                args.warmup, args.steps, args.profile, with_syncs)
+            busy = result["busy"]
+            busy_text = (f"{busy['kernel_ms_per_step'] / busy['wall_ms_per_step']:.0%} ({busy['kernels_per_step']:.0f} kernels)"
+                         if busy else "-")
+            label = f"{shape} sync" if with_syncs else shape
+            print(f"{label:>11} {result['rows_per_step']:9.0f} {result['ms_per_step']:8.1f} {result['samples_per_s']:10,.0f} "
+                  f"{result['tokens_per_s']:10,.0f} {result['padding_efficiency']:7.2f} {busy_text:>9}   "
+                  f"({time.perf_counter() - started:.0f} s with warm-up, loss {result['loss']:.3f})", flush=True)
     for batch_size in args.eval_batches:
         loader = accelerator.prepare(eval_dataloader(splits["test"], tokenizer, batch_size, config.num_workers))
         for attempt in ("warm-up", "timed"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 from trainer_pkg.errors import UserError
 
@@ -85,6 +85,9 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[process_group],
+        # A blocking copy to the GPU waits for the stream to drain: one host sync per batch. The
+        # loaders pin their batches (trainer_pkg.data), so the copies can be asynchronous.
+        dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
         log_with=trackers or None,
         project_dir=tracking_dir if trackers else None,
     )

@@ -8,6 +8,7 @@ from accelerate import Accelerator
 
 from trainer_pkg.console import RunConsole
 from trainer_pkg.metrics import classification_metrics
+from trainer_pkg.model import accepts_prepared_mask, model_inputs
 
 
 @torch.no_grad()
@@ -19,13 +20,14 @@ def predict_logits(accelerator: Accelerator, model, dataloader, console: RunCons
     so every row is counted exactly once.
     """
     model.eval()
+    prepared_mask = accepts_prepared_mask(accelerator.unwrap_model(model))
     if console is not None:
         console.start_progress(description, total=len(dataloader))
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "row": [], "labels": []}
     for batch in dataloader:
         rows = batch.pop("row")
         labels = batch.pop("labels", None)
-        logits = model(**batch).logits.float()
+        logits = model(**model_inputs(batch, prepared_mask)).logits.float()
         gathered = accelerator.gather_for_metrics((logits, rows) if labels is None else (logits, rows, labels))
         # Kept on the device until the end: a copy to the host per batch would sync every batch.
         parts["logits"].append(gathered[0])

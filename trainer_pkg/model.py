@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +98,30 @@ def build_model(config: TrainConfig, labels: list[str], warn: Callable[[str], No
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise _load_error("model weights", config.model, error, "--model") from None
+
+
+def accepts_prepared_mask(model: PreTrainedModel) -> bool:
+    """Whether `model_inputs(..., prepared_mask=True)` is safe: SDPA attention, and a modeling module
+    that builds its mask with transformers' `create_bidirectional_mask`, which passes a 4D mask through."""
+    base = getattr(model, "base_model", model)
+    modeling = sys.modules.get(type(base).__module__)
+    return (getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and modeling is not None and "create_bidirectional_mask" in vars(modeling))
+
+
+def model_inputs(batch: dict[str, torch.Tensor], prepared_mask: bool) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a collated batch.
+
+    With `prepared_mask`, the 2D padding mask becomes the 4D boolean mask transformers would build
+    from it. Given the 2D mask, transformers first asks `padding_mask.all()` in a Python `if` (to
+    drop a mask without padding): a host sync on every forward, which stops the CPU from queueing
+    the next step's kernels while the GPU works. Batches are padded to multiples of 8, so a batch
+    without padding is rare and the mask is kept for it too.
+    """
+    if not prepared_mask:
+        return batch
+    mask = batch["attention_mask"]
+    return {**batch, "attention_mask": mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)}
 
 
 def build_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.Optimizer:

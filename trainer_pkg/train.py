@@ -40,7 +40,14 @@ from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import TEST_REPORT_FILE, evaluate_and_report
 from trainer_pkg.inference import evaluate_dataloader
-from trainer_pkg.model import build_model, build_optimizer, build_scheduler, load_tokenizer
+from trainer_pkg.model import (
+    accepts_prepared_mask,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    load_tokenizer,
+    model_inputs,
+)
 from trainer_pkg.numerics import NonFiniteWatch, gradient_norm, weights_are_finite
 from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from trainer_pkg.tracking import TENSORBOARD_DIR, TrackerLog, resolve_trackers, start_tracking
@@ -251,6 +258,7 @@ def run(config: TrainConfig) -> dict:
     # --- tokenizer and model (before the data: a bad model path should not wait for tokenizing)
     tokenizer = load_tokenizer(config.tokenizer_name)
     model = build_model(config, config.labels, warn=lambda message: console.print(f"[yellow]{message}")).to(accelerator.device)
+    prepared_mask = accepts_prepared_mask(model)
     if config.compile:
         # In place (Module.compile): parameter names, checkpoints and the export stay those of the
         # plain model. Batch lengths vary (multiples of 8): dynamic shapes compile once, not per length.
@@ -358,7 +366,7 @@ def run(config: TrainConfig) -> dict:
         for batch in batches:
             skip_step = False
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = model(**model_inputs(batch, prepared_mask)).loss
                 watch.observe(loss)
                 # Accelerate divides every loss by grad_accum; an epoch's last window may be
                 # shorter, and its gradient must still be a mean, not a fraction of one.
