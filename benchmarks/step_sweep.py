@@ -2,6 +2,7 @@
 
     python benchmarks/step_sweep.py --shared ../shared --shapes b64 b256 b512 t16384 --eval_batches 256 1024
     python benchmarks/step_sweep.py --shared ../shared --model_size proxy      # the CPU proxy
+    python benchmarks/step_sweep.py --shared ../shared --profile --with_syncs --shapes b512 b1024
 
 A tuning aid for choosing batch defaults per device, not a test: for each batch shape (`bN`: N rows;
 `tN`: up to N padded tokens) it trains the same model with the same loop body as
