@@ -14,11 +14,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, tiny_train_args
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from trainer_pkg.model import accepts_prepared_mask, model_inputs
+from trainer_pkg.model import PREPARED_MASK_MODEL_TYPES, accepts_prepared_mask, model_inputs
 
 
 def sync_counts(tmp_path, name, tiny_model, tiny_nsmc, env, steps: int, eval_batch: int) -> dict[str, int]:
@@ -79,3 +80,37 @@ def test_prepared_mask_computes_what_the_padding_mask_does(tiny_model):
 def test_eager_attention_keeps_the_padding_mask(tiny_model):
     """Eager attention adds the mask as a float bias: a boolean 4D mask would be wrong there."""
     assert not accepts_prepared_mask(tiny_classifier(tiny_model, "eager"))
+
+
+SMALL = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+SMALL_BY_TYPE = {"distilbert": {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
+                 "albert": {**SMALL, "embedding_size": 16}, "electra": {**SMALL, "embedding_size": 16}}
+
+
+def same_logits_both_ways(model, batch) -> bool:
+    model.eval()
+    with torch.no_grad():
+        return torch.equal(model(**batch).logits, model(**model_inputs(batch, prepared_mask=True)).logits)
+
+
+@pytest.mark.parametrize("model_type", PREPARED_MASK_MODEL_TYPES)
+def test_every_listed_encoder_computes_the_same_with_the_prepared_mask(model_type):
+    """The list is checked against the installed transformers: a release that starts using the
+    mask elsewhere in one of these models fails here, not silently in training."""
+    config = AutoConfig.for_model(model_type, **SMALL_BY_TYPE.get(model_type, SMALL))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    assert accepts_prepared_mask(model)
+    batch = padded_batch(100)
+    batch["input_ids"][batch["attention_mask"] == 0] = config.pad_token_id or 0
+    assert same_logits_both_ways(model, batch)
+
+
+def test_an_encoder_that_pools_with_the_mask_keeps_it():
+    """ModernBERT's mean pooling reads the 2D mask: the prepared mask would break it."""
+    config = AutoConfig.for_model("modernbert", **SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  cls_token_id=1, sep_token_id=2, classifier_pooling="mean")
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    assert not accepts_prepared_mask(model)
+    with pytest.raises(RuntimeError):
+        same_logits_both_ways(model, padded_batch(100))

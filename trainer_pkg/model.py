@@ -100,12 +100,18 @@ def build_model(config: TrainConfig, labels: list[str], warn: Callable[[str], No
         raise _load_error("model weights", config.model, error, "--model") from None
 
 
+# Encoders whose modeling code uses the 2D attention mask only to build the attention bias, with
+# transformers' create_bidirectional_mask, which passes a prepared 4D mask through as it is.
+# Others may use it elsewhere too (ModernBERT's mean pooling does): they keep the 2D mask.
+# tests/test_host_syncs.py checks that each computes the same with either mask.
+PREPARED_MASK_MODEL_TYPES = ("albert", "bert", "camembert", "distilbert", "electra", "roberta", "xlm-roberta")
+
+
 def accepts_prepared_mask(model: PreTrainedModel) -> bool:
-    """Whether `model_inputs(..., prepared_mask=True)` is safe: SDPA attention, and a modeling module
-    that builds its mask with transformers' `create_bidirectional_mask`, which passes a 4D mask through."""
-    base = getattr(model, "base_model", model)
-    modeling = sys.modules.get(type(base).__module__)
-    return (getattr(model.config, "_attn_implementation", None) == "sdpa"
+    """Whether `model_inputs(..., prepared_mask=True)` computes what the 2D mask does for `model`."""
+    modeling = sys.modules.get(type(model).__module__)
+    return (model.config.model_type in PREPARED_MASK_MODEL_TYPES
+            and getattr(model.config, "_attn_implementation", None) == "sdpa"
             and modeling is not None and "create_bidirectional_mask" in vars(modeling))
 
 
@@ -113,15 +119,17 @@ def model_inputs(batch: dict[str, torch.Tensor], prepared_mask: bool) -> dict[st
     """The model's keyword arguments for a collated batch.
 
     With `prepared_mask`, the 2D padding mask becomes the 4D boolean mask transformers would build
-    from it. Given the 2D mask, transformers first asks `padding_mask.all()` in a Python `if` (to
-    drop a mask without padding): a host sync on every forward, which stops the CPU from queueing
-    the next step's kernels while the GPU works. Batches are padded to multiples of 8, so a batch
-    without padding is rare and the mask is kept for it too.
+    from it, laid out the same (contiguous), so attention runs the same kernels. Given the 2D mask,
+    transformers first asks `padding_mask.all()` in a Python `if` (to drop a mask without padding):
+    a host sync on every forward, which stops the CPU from queueing the next step's kernels while
+    the GPU works. Batches are padded to multiples of 8, so a batch without padding is rare and the
+    mask is kept for it too.
     """
     if not prepared_mask:
         return batch
-    mask = batch["attention_mask"]
-    return {**batch, "attention_mask": mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)}
+    mask = batch["attention_mask"].bool()
+    length = mask.shape[1]
+    return {**batch, "attention_mask": mask[:, None, None, :].expand(-1, 1, length, -1).contiguous()}
 
 
 def build_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.Optimizer:
