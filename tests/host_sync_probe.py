@@ -32,7 +32,7 @@ counting = False
 
 def call_site(kind: str) -> str:
     frames = traceback.extract_stack()[:-2]
-    site = next((frame for frame in reversed(frames) if f"{Path('torch')}/" not in frame.filename
+    site = next((frame for frame in reversed(frames) if "/torch/" not in frame.filename
                  and frame.filename != __file__), frames[-1])
     return f"{kind} {Path(site.filename).parent.name}/{Path(site.filename).name}:{site.lineno}"
 

@@ -54,6 +54,12 @@ def padded_batch(vocab_size: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
 
 
+def same_logits_both_ways(model, batch) -> bool:
+    model.eval()
+    with torch.no_grad():
+        return torch.equal(model(**batch).logits, model(**model_inputs(batch, prepared_mask=True)).logits)
+
+
 def test_prepared_mask_computes_what_the_padding_mask_does(tiny_model):
     """Same logits, loss and gradients, with dropout on: the 4D mask is the one transformers builds."""
     model = tiny_classifier(tiny_model, "sdpa")
@@ -70,11 +76,9 @@ def test_prepared_mask_computes_what_the_padding_mask_does(tiny_model):
     (plain_loss, plain_grads), (prepared_loss, prepared_grads) = results
     assert torch.equal(plain_loss, prepared_loss)
     assert all(torch.equal(a, b) for a, b in zip(plain_grads, prepared_grads))
-    model.eval()
-    plain = model(**batch).logits
-    assert torch.equal(plain, model(**model_inputs(batch, True)).logits)
+    assert same_logits_both_ways(model, batch)
     # The padding matters: without any mask the padded rows score differently.
-    assert not torch.equal(plain, model(input_ids=batch["input_ids"]).logits)
+    assert not torch.equal(model(**batch).logits, model(input_ids=batch["input_ids"]).logits)
 
 
 def test_eager_attention_keeps_the_padding_mask(tiny_model):
@@ -85,12 +89,6 @@ def test_eager_attention_keeps_the_padding_mask(tiny_model):
 SMALL = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 SMALL_BY_TYPE = {"distilbert": {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
                  "albert": {**SMALL, "embedding_size": 16}, "electra": {**SMALL, "embedding_size": 16}}
-
-
-def same_logits_both_ways(model, batch) -> bool:
-    model.eval()
-    with torch.no_grad():
-        return torch.equal(model(**batch).logits, model(**model_inputs(batch, prepared_mask=True)).logits)
 
 
 @pytest.mark.parametrize("model_type", PREPARED_MASK_MODEL_TYPES)
