@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the performance issue in one run (one H100, ~8 minutes):
 #   0. the GPU tests: no host sync per step or evaluation batch (CUDA's sync-debug mode counts
-#      blocking copies too), fp16 loss scaling; pytest comes from the carried wheels;
-#   1. step_sweep.py: steady-state step time of the training loop at batch 256..1024 and at a
-#      token budget, each also with the host syncs the loop used to have (side by side), with the
-#      GPU's busy fraction, and the time to score the 50k test split;
+#      blocking copies too), fp16 loss scaling, the bf16 weight copies under CUDA autocast;
+#      pytest comes from the carried wheels;
+#   1. step_sweep.py: steady-state step time of the training loop at batch 512 and 1024 and at a
+#      token budget, each also with autocast's per-forward weight casts and with the host syncs
+#      the loop used to have (side by side), with the GPU's busy fraction and kernels per step,
+#      and the time to score the 50k test split;
 #   2. a full NSMC epoch (145k train rows after the 5k validation split, 50k test rows) with the
 #      GPU defaults, then benchmark.py --model_size base: the origin recipe vs trainer_pkg defaults
 #      on the same BENCH_SAMPLES rows (mBERT-base architecture, random init), side by side;
@@ -44,10 +46,10 @@ full_epoch() {  # name, timeout, extra flags...
     cp "runs/full_$name/log.jsonl" "$out/logs/full_$name.jsonl" 2>/dev/null
 }
 
-step gpu_tests 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
-    tests/test_numerics.py::test_fp16_overflow_steps_are_counted_and_reported
+step gpu_tests 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
+    tests/test_numerics.py::test_fp16_overflow_steps_are_counted_and_reported "tests/test_weight_copies.py::test_the_same_numbers_as_autocast_bit_for_bit[cuda-bert]" 
 SHOW_LINES=20 step sweep 180 python3 benchmarks/step_sweep.py --shared "$shared" --cache_dir "$cache" --profile \
-    --with_syncs --shapes b256 b512 b1024 t32768 --eval_batches 256 1024
+    --with_casts --with_syncs --shapes b512 b1024 t32768 --eval_batches 256 1024
 full_epoch defaults 100
 step bench 140 python3 benchmarks/benchmark.py --shared "$shared" --model_size base --samples "${BENCH_SAMPLES:-10000}" \
     --test_samples 2000 --skip_tuned --quiet --out runs/bench_base

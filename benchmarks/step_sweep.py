@@ -2,7 +2,8 @@
 
     python benchmarks/step_sweep.py --shared ../shared --shapes b64 b256 b512 t16384 --eval_batches 256 1024
     python benchmarks/step_sweep.py --shared ../shared --model_size proxy      # the CPU proxy
-    python benchmarks/step_sweep.py --shared ../shared --profile --with_syncs --shapes b512 b1024
+    python benchmarks/step_sweep.py --shared ../shared --profile --with_casts --with_syncs --shapes b512 b1024
+    python benchmarks/step_sweep.py --shared ../shared --model_size narrow --mixed_precision bf16 --with_casts
 
 A tuning aid for choosing batch defaults per device, not a test: for each batch shape (`bN`: N rows;
 `tN`: up to N padded tokens) it trains the same model with the same loop body as
@@ -10,8 +11,15 @@ A tuning aid for choosing batch defaults per device, not a test: for each batch 
 training rows, skips `--warmup` steps, then times `--steps` steps and prints ms/step, samples/s,
 real tokens/s, padding efficiency and, on a GPU, how busy the GPU was (`--profile`: kernel time /
 wall time over 10 steps of the first shape; well under 100% means the host CPU, launching
-kernels, bounds the step; `--with_syncs`: each shape also as the loop ran with a host sync per
-step, side by side). Then it times scoring the whole test split at each `--eval_batches`.
+kernels, bounds the step). Variants of the loop, each shape side by side in one run:
+`--with_casts` adds the loop with bf16 autocast casting every Linear weight in every forward (no
+`trainer_pkg.weight_copies`), `--with_syncs` the loop as it ran before its host syncs were removed
+(a blocking batch copy, the model's own padding-mask check, and those casts). Then it times scoring
+the whole test split at each `--eval_batches`.
+
+`--model_size narrow` is mBERT-base's 12 layers at width 64, for running the variants on the CPU:
+its layers cost little arithmetic, so more of a step is per-op overhead (the word embeddings'
+optimizer update remains), though not the kernel launches that a GPU's host pays for.
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ from trainer_pkg.data import eval_dataloader, load_tokenized, train_dataloader  
 from trainer_pkg.distributed import make_accelerator  # noqa: E402
 from trainer_pkg.inference import evaluate_dataloader  # noqa: E402
 from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, load_tokenizer, model_inputs  # noqa: E402
+from trainer_pkg.weight_copies import low_precision_weights  # noqa: E402
+
+NARROW = {"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256}
+# The loop as it is, and the variants it is compared with (see the module doc).
+VARIANTS = {"now": (False, False), "casts": (False, True), "sync": (True, True)}
 
 
 def synchronize() -> None:
@@ -51,7 +64,7 @@ def shape_config(config: TrainConfig, shape: str) -> TrainConfig:
 
 
 def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: int, steps: int,
-               profile: bool, with_syncs: bool = False) -> dict:
+               profile: bool, with_syncs: bool = False, bf16_weights=None) -> dict:
     loader = accelerator.prepare(train_dataloader(train, tokenizer, config))
     # with_syncs: the loop before the sync-free step, for a side-by-side measurement: a blocking
     # copy of each batch, and the model's own check of the padding mask (a sync in every forward).
@@ -65,8 +78,11 @@ def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: 
 
     def step(batch) -> None:
         nonlocal samples, padded, running_loss, tokens
-        loss = model(**model_inputs(batch, prepared_mask)).loss
+        inputs = model_inputs(batch, prepared_mask)
+        loss = (bf16_weights.forward(model, inputs) if bf16_weights else model(**inputs)).loss
         accelerator.backward(loss)
+        if bf16_weights is not None:
+            bf16_weights.move_gradients()
         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +126,8 @@ def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="holds data/nsmc and models/")
-    parser.add_argument("--model_size", choices=("proxy", "base"), default="base")
+    parser.add_argument("--model_size", choices=("proxy", "base", "narrow"), default="base")
+    parser.add_argument("--mixed_precision", default="auto", help="as trainer_pkg.train's (auto: bf16 on a GPU)")
     parser.add_argument("--shapes", nargs="+", default=["b64", "b256", "b512", "t16384"])
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps per shape (cuBLAS/allocator warm-up)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per shape")
@@ -119,15 +136,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (as --compile does)")
     parser.add_argument("--with_syncs", action="store_true",
                         help="also time each shape with a host sync per step (blocking batch copies, the model's "
-                             "own padding-mask check), as the loop ran before they were removed")
+                             "own padding-mask check) and per-forward weight casts, as the loop ran before")
+    parser.add_argument("--with_casts", action="store_true",
+                        help="also time each shape with bf16 autocast's per-forward casts of the Linear weights")
     parser.add_argument("--cache_dir", default=str(REPO / "runs" / "sweep_cache"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     shared = Path(args.shared)
     config = TrainConfig(data=str(shared / "data" / "nsmc"), model=str(shared / "models" / "bert-base-multilingual-uncased"),
-                         from_scratch=True, model_overrides=PROXY if args.model_size == "proxy" else {},
-                         cache_dir=args.cache_dir, compile=args.compile)
+                         from_scratch=True, model_overrides={"proxy": PROXY, "narrow": NARROW}.get(args.model_size, {}),
+                         cache_dir=args.cache_dir, compile=args.compile, mixed_precision=args.mixed_precision)
     accelerator = make_accelerator(config.mixed_precision)
     tokenizer = load_tokenizer(config.tokenizer_name)
     started = time.perf_counter()
@@ -139,21 +158,24 @@ def main() -> None:
         model.compile(dynamic=True)
     optimizer = build_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
+    bf16_weights = low_precision_weights(model, optimizer, accelerator, enabled=True)
     model.train()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.model_size} model on {device}, precision {accelerator.mixed_precision}, compile {args.compile}", flush=True)
+    print(f"{args.model_size} model on {device}, precision {accelerator.mixed_precision}, compile {args.compile}, "
+          f"Linear weights cast once per step: {bf16_weights is not None}", flush=True)
     header = f"{'shape':>11} {'rows/step':>9} {'ms/step':>8} {'samples/s':>10} {'tokens/s':>10} {'pad eff':>7} {'GPU busy':>9}"
     print(header, flush=True)
-    variants = (False, True) if args.with_syncs else (False,)
+    variants = ["now"] + ["casts"] * (args.with_casts and bf16_weights is not None) + ["sync"] * args.with_syncs
     for shape in args.shapes:
-        for with_syncs in variants:
+        for variant in variants:
+            with_syncs, with_casts = VARIANTS[variant]
             started = time.perf_counter()
             result = time_shape(accelerator, model, optimizer, splits["train"], tokenizer, shape_config(config, shape),
-                                args.warmup, args.steps, args.profile, with_syncs)
+                                args.warmup, args.steps, args.profile, with_syncs, None if with_casts else bf16_weights)
             busy = result["busy"]
             busy_text = (f"{busy['kernel_ms_per_step'] / busy['wall_ms_per_step']:.0%} ({busy['kernels_per_step']:.0f} kernels)"
                          if busy else "-")
-            label = f"{shape} sync" if with_syncs else shape
+            label = shape if variant == "now" else f"{shape} {variant}"
             print(f"{label:>11} {result['rows_per_step']:9.0f} {result['ms_per_step']:8.1f} {result['samples_per_s']:10,.0f} "
                   f"{result['tokens_per_s']:10,.0f} {result['padding_efficiency']:7.2f} {busy_text:>9}   "
                   f"({time.perf_counter() - started:.0f} s with warm-up, loss {result['loss']:.3f})", flush=True)

@@ -11,6 +11,9 @@ import json
 import random
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
 # Words that carry the label. Korean-looking and English words in both lists.
 POSITIVE_WORDS = [
     "최고", "재밌다", "감동", "명작", "추천", "좋아요", "훌륭하다",
@@ -170,3 +173,29 @@ def write_nsmc_dir(path: Path, n_train: int, n_test: int, seed: int = 0, empty_t
     _write_tsv(path / "ratings_train.txt", train)
     _write_tsv(path / "ratings_test.txt", test)
     return path
+
+
+# Small encoders of each BERT-family type, for checks that the modeling code of the installed
+# transformers still computes what trainer_pkg's shortcuts assume.
+SMALL = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+SMALL_BY_TYPE = {"distilbert": {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
+                 "albert": {**SMALL, "embedding_size": 16}, "electra": {**SMALL, "embedding_size": 16}}
+
+
+def padded_batch(vocab_size: int) -> dict[str, torch.Tensor]:
+    """Four labelled rows of 3 to 16 tokens, padded to 16 (padding id 0)."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([16, 9, 3, 12])
+    mask = (torch.arange(16) < lengths[:, None]).long()
+    input_ids = torch.randint(5, vocab_size, (4, 16), generator=generator) * mask
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def small_encoder(model_type: str, **overrides):
+    """A randomly initialised 2-layer classifier of `model_type` (SDPA attention), and a padded batch for it."""
+    config = AutoConfig.for_model(model_type, **{**SMALL_BY_TYPE.get(model_type, SMALL), **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    batch = padded_batch(100)
+    batch["input_ids"][batch["attention_mask"] == 0] = config.pad_token_id or 0
+    return model, batch

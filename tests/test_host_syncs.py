@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, tiny_train_args
+from helpers_tiny import SMALL, padded_batch, small_encoder
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from trainer_pkg.model import PREPARED_MASK_MODEL_TYPES, accepts_prepared_mask, model_inputs
@@ -44,14 +45,6 @@ def tiny_classifier(tiny_model, attention: str):
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(tiny_model, num_labels=2)
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=attention)
-
-
-def padded_batch(vocab_size: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    lengths = torch.tensor([16, 9, 3, 12])
-    mask = (torch.arange(16) < lengths[:, None]).long()
-    input_ids = torch.randint(5, vocab_size, (4, 16), generator=generator) * mask
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
 
 
 def same_logits_both_ways(model, batch) -> bool:
@@ -86,21 +79,12 @@ def test_eager_attention_keeps_the_padding_mask(tiny_model):
     assert not accepts_prepared_mask(tiny_classifier(tiny_model, "eager"))
 
 
-SMALL = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-SMALL_BY_TYPE = {"distilbert": {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
-                 "albert": {**SMALL, "embedding_size": 16}, "electra": {**SMALL, "embedding_size": 16}}
-
-
 @pytest.mark.parametrize("model_type", PREPARED_MASK_MODEL_TYPES)
 def test_every_listed_encoder_computes_the_same_with_the_prepared_mask(model_type):
     """The list is checked against the installed transformers: a release that starts using the
     mask elsewhere in one of these models fails here, not silently in training."""
-    config = AutoConfig.for_model(model_type, **SMALL_BY_TYPE.get(model_type, SMALL))
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    model, batch = small_encoder(model_type)
     assert accepts_prepared_mask(model)
-    batch = padded_batch(100)
-    batch["input_ids"][batch["attention_mask"] == 0] = config.pad_token_id or 0
     assert same_logits_both_ways(model, batch)
 
 

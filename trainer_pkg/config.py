@@ -124,6 +124,10 @@ class TrainConfig:
     use per_device_batch_size); short texts then travel in larger batches."""
     compile: bool = False
     """torch.compile the model (dynamic shapes: compiled once, not once per batch length)."""
+    cast_weights_once: bool = True
+    """With bf16 on one process: cast the Linear weights to bf16 once per optimizer step instead of in
+    every forward and backward (the same numbers, ~300 fewer kernel launches per BERT-base step);
+    'false' keeps autocast's own casts."""
     nan_policy: str = "stop"
     """What a non-finite (NaN/inf) loss or gradient does: 'stop' (a one-line error naming the step; no
     checkpoint is written from such weights) or 'skip' (drop that optimizer step, count and report it)."""

@@ -51,6 +51,7 @@ from trainer_pkg.model import (
 from trainer_pkg.numerics import NonFiniteWatch, gradient_norm, weights_are_finite
 from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from trainer_pkg.tracking import TENSORBOARD_DIR, TrackerLog, resolve_trackers, start_tracking
+from trainer_pkg.weight_copies import low_precision_weights
 
 # Keys that must match to continue a run in the same output directory.
 RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
@@ -319,6 +320,11 @@ def run(config: TrainConfig) -> dict:
         console.print(f"resumed from {resume_from} (step {state.optimizer_steps}, epoch {state.epoch})")
 
     watch = NonFiniteWatch(accelerator.device)
+    # bf16 weights cast once per optimizer step, not in every forward (trainer_pkg/weight_copies.py).
+    bf16_weights = low_precision_weights(model, optimizer, accelerator, config.cast_weights_once)
+    if bf16_weights is not None:
+        console.print(f"Linear weights cast to bf16 once per optimizer step ({len(bf16_weights.copies)} tensors), "
+                      "not in every forward")
 
     def require_finite() -> None:
         """Before anything that trusts the weights (evaluation, a checkpoint). Call on all ranks."""
@@ -366,11 +372,14 @@ def run(config: TrainConfig) -> dict:
         for batch in batches:
             skip_step = False
             with accelerator.accumulate(model):
-                loss = model(**model_inputs(batch, prepared_mask)).loss
+                inputs = model_inputs(batch, prepared_mask)
+                loss = (bf16_weights.forward(model, inputs) if bf16_weights else model(**inputs)).loss
                 watch.observe(loss)
                 # Accelerate divides every loss by grad_accum; an epoch's last window may be
                 # shorter, and its gradient must still be a mean, not a fraction of one.
                 accelerator.backward(loss * window_scale(state.batches_in_epoch, len(train_loader), config.grad_accum))
+                if bf16_weights is not None:
+                    bf16_weights.move_gradients()
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) \
                         if config.max_grad_norm else None
