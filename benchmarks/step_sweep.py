@@ -79,7 +79,7 @@ def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: 
     def step(batch) -> None:
         nonlocal samples, padded, running_loss, tokens
         inputs = model_inputs(batch, prepared_mask)
-        loss = (bf16_weights.forward(model, inputs) if bf16_weights else model(**inputs)).loss
+        loss = (model(**inputs) if bf16_weights is None else bf16_weights.forward(model, inputs)).loss
         accelerator.backward(loss)
         if bf16_weights is not None:
             bf16_weights.move_gradients()
@@ -158,7 +158,7 @@ def main() -> None:
         model.compile(dynamic=True)
     optimizer = build_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    bf16_weights = low_precision_weights(model, optimizer, accelerator, enabled=True)
+    bf16_weights = low_precision_weights(model, optimizer, accelerator, enabled=not args.compile)
     model.train()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model_size} model on {device}, precision {accelerator.mixed_precision}, compile {args.compile}, "

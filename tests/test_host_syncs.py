@@ -20,7 +20,7 @@ from conftest import REPO, tiny_train_args
 from helpers_tiny import SMALL, padded_batch, small_encoder
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from trainer_pkg.model import PREPARED_MASK_MODEL_TYPES, accepts_prepared_mask, model_inputs
+from trainer_pkg.model import CHECKED_ENCODER_TYPES, accepts_prepared_mask, model_inputs
 
 
 def sync_counts(tmp_path, name, tiny_model, tiny_nsmc, env, steps: int, eval_batch: int) -> dict[str, int]:
@@ -79,7 +79,7 @@ def test_eager_attention_keeps_the_padding_mask(tiny_model):
     assert not accepts_prepared_mask(tiny_classifier(tiny_model, "eager"))
 
 
-@pytest.mark.parametrize("model_type", PREPARED_MASK_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", CHECKED_ENCODER_TYPES)
 def test_every_listed_encoder_computes_the_same_with_the_prepared_mask(model_type):
     """The list is checked against the installed transformers: a release that starts using the
     mask elsewhere in one of these models fails here, not silently in training."""

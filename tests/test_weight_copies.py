@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer_pkg.weight_copies import CHECKED_MODEL_TYPES, LowPrecisionWeights
+from trainer_pkg.model import CHECKED_ENCODER_TYPES
+from trainer_pkg.weight_copies import LowPrecisionWeights
 
 
 def train_steps(model, batch, cast_once: bool, steps: int = 2, micro_batches: int = 2):
@@ -48,7 +49,7 @@ def train_steps(model, batch, cast_once: bool, steps: int = 2, micro_batches: in
     return losses, gradients, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-CASES = [("cpu", model_type) for model_type in CHECKED_MODEL_TYPES] + [
+CASES = [("cpu", model_type) for model_type in CHECKED_ENCODER_TYPES] + [
     pytest.param("cuda", "bert", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 

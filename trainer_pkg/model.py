@@ -100,17 +100,20 @@ def build_model(config: TrainConfig, labels: list[str], warn: Callable[[str], No
         raise _load_error("model weights", config.model, error, "--model") from None
 
 
-# Encoders whose modeling code uses the 2D attention mask only to build the attention bias, with
-# transformers' create_bidirectional_mask, which passes a prepared 4D mask through as it is.
-# Others may use it elsewhere too (ModernBERT's mean pooling does): they keep the 2D mask.
-# tests/test_host_syncs.py checks that each computes the same with either mask.
-PREPARED_MASK_MODEL_TYPES = ("albert", "bert", "camembert", "distilbert", "electra", "roberta", "xlm-roberta")
+# The BERT-family encoders whose modeling code the two host-time shortcuts are checked against
+# (tests/test_host_syncs.py, tests/test_weight_copies.py, per type, under the installed transformers):
+# - they use the 2D attention mask only to build the attention bias, with transformers'
+#   create_bidirectional_mask, which passes a prepared 4D mask through as it is (others may use it
+#   elsewhere too: ModernBERT's mean pooling does);
+# - their Linear layers use weight and bias only in their own forward, so a bf16 copy in its place
+#   computes what autocast's cast did (trainer_pkg/weight_copies.py).
+CHECKED_ENCODER_TYPES = ("albert", "bert", "camembert", "distilbert", "electra", "roberta", "xlm-roberta")
 
 
 def accepts_prepared_mask(model: PreTrainedModel) -> bool:
     """Whether `model_inputs(..., prepared_mask=True)` computes what the 2D mask does for `model`."""
     modeling = sys.modules.get(type(model).__module__)
-    return (model.config.model_type in PREPARED_MASK_MODEL_TYPES
+    return (model.config.model_type in CHECKED_ENCODER_TYPES
             and getattr(model.config, "_attn_implementation", None) == "sdpa"
             and modeling is not None and "create_bidirectional_mask" in vars(modeling))
 

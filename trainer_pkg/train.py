@@ -321,7 +321,7 @@ def run(config: TrainConfig) -> dict:
 
     watch = NonFiniteWatch(accelerator.device)
     # bf16 weights cast once per optimizer step, not in every forward (trainer_pkg/weight_copies.py).
-    bf16_weights = low_precision_weights(model, optimizer, accelerator, config.cast_weights_once)
+    bf16_weights = low_precision_weights(model, optimizer, accelerator, config.cast_weights_once and not config.compile)
     if bf16_weights is not None:
         console.print(f"Linear weights cast to bf16 once per optimizer step ({len(bf16_weights.copies)} tensors), "
                       "not in every forward")
@@ -373,7 +373,7 @@ def run(config: TrainConfig) -> dict:
             skip_step = False
             with accelerator.accumulate(model):
                 inputs = model_inputs(batch, prepared_mask)
-                loss = (bf16_weights.forward(model, inputs) if bf16_weights else model(**inputs)).loss
+                loss = (model(**inputs) if bf16_weights is None else bf16_weights.forward(model, inputs)).loss
                 watch.observe(loss)
                 # Accelerate divides every loss by grad_accum; an epoch's last window may be
                 # shorter, and its gradient must still be a mean, not a fraction of one.

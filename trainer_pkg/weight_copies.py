@@ -13,7 +13,7 @@ weight's gradient comes out of the same bf16 matmul either way; only where the c
 moves (tests/test_weight_copies.py checks loss and every gradient). It is used only where that
 has been checked: one process (DDP and DeepSpeed reduce the fp32 gradients during the backward
 themselves), bf16 autocast, no --compile (the compiler fuses the casts anyway), and the encoder
-types listed.
+types of `model.CHECKED_ENCODER_TYPES`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from collections import Counter
 
 import torch
 
-# Encoders whose Linear layers use their weight and bias only in their own forward (F.linear),
-# so a bf16 copy in its place computes what autocast's cast did.
-CHECKED_MODEL_TYPES = ("albert", "bert", "camembert", "distilbert", "electra", "roberta", "xlm-roberta")
+from trainer_pkg.model import CHECKED_ENCODER_TYPES
 
 
 class LowPrecisionWeights:
     """bf16 copies of a model's Linear weights and biases, refreshed after each optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         # A parameter reachable under two names is tied to another module, which may use it otherwise.
         uses = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
         self.slots: list[tuple[torch.nn.Module, str]] = []
@@ -43,7 +41,7 @@ class LowPrecisionWeights:
                 if parameter.requires_grad and uses[id(parameter)] == 1:
                     self.slots.append((module, name))
                     self.parameters.append(parameter)
-        self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in self.parameters]
+        self.copies = [torch.empty_like(p, dtype=torch.bfloat16).requires_grad_() for p in self.parameters]
         self.stale = True
         # The hook runs when the parameters really change: not on the accumulation steps that
         # Accelerate's optimizer wrapper passes over, not on a step skipped as non-finite.
@@ -51,7 +49,7 @@ class LowPrecisionWeights:
         inner.register_step_post_hook(lambda *_: self.mark_stale())
 
     def mark_stale(self) -> None:
-        """The fp32 weights changed (an optimizer step, a loaded checkpoint): cast again before the next forward."""
+        """The fp32 weights changed (an optimizer step): cast again before the next forward."""
         self.stale = True
 
     def forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
@@ -94,10 +92,8 @@ class LowPrecisionWeights:
 
 def low_precision_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator,
                           enabled: bool) -> LowPrecisionWeights | None:
-    """The copies for this run, or None where they are not known to compute the same (see the module doc)."""
+    """The copies for this run, or None where they are not known to compute the same (see the module
+    doc); `enabled`: asked for and the model not compiled."""
     applies = (enabled and accelerator.mixed_precision == "bf16" and accelerator.num_processes == 1
-               and accelerator.state.deepspeed_plugin is None
-               and isinstance(model, torch.nn.Module) and not hasattr(model, "_orig_mod")
-               and getattr(model, "_compiled_call_impl", None) is None
-               and getattr(getattr(model, "config", None), "model_type", None) in CHECKED_MODEL_TYPES)
+               and accelerator.state.deepspeed_plugin is None and model.config.model_type in CHECKED_ENCODER_TYPES)
     return LowPrecisionWeights(model, optimizer) if applies else None
