@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_module, tiny_train_args
+from same_results import assert_same_results
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +96,21 @@ def test_train_job_runs_to_completion_and_exports(completed_run):
     assert "restart 0" in log and "requeueing" not in log
 
 
+def test_train_job_with_the_script_defaults_on_a_node_without_gpus(tmp_path, tiny_model, tiny_nsmc, cache_env):
+    # No ACCELERATE_CONFIG, no GPUS_PER_NODE: multi_gpu.yaml (bf16) with one process, which
+    # Accelerate still wraps in DDP.
+    env = {**cache_env, "TRAINER_PKG_PYTHON": sys.executable}
+    output_dir = tmp_path / "out"
+    job = sbatch("train.sh", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "2",
+                                              "--max_train_samples", "64", "--max_eval_samples", "32"),
+                 logs=tmp_path, env=env)
+    info = wait_for(job)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert "1 machine(s) x 1 process(es)" in log and "1 process(es) on cpu, precision bf16" in log, log
+    assert (output_dir / "model" / "model.safetensors").is_file()
+
+
 def test_preempted_job_requeues_resumes_and_matches(completed_run, tmp_path, tiny_model, tiny_nsmc, slurm_env):
     reference_dir, _ = completed_run
     output_dir = tmp_path / "out"
@@ -136,7 +152,7 @@ def test_evaluate_job_writes_metrics_next_to_the_export(completed_run, tmp_path,
     sharded = json.loads((export / "eval_metrics.json").read_text())
     run_module("trainer_pkg.evaluate", export, "--test_file", tiny_nsmc / "ratings_test.txt",
                "--output", tmp_path / "single.json", env=cache_env)
-    assert sharded == json.loads((tmp_path / "single.json").read_text())
+    assert_same_results(sharded, json.loads((tmp_path / "single.json").read_text()))
 
 
 def test_two_launcher_tasks_act_as_two_machines(tmp_path, tiny_model, tiny_nsmc, slurm_env):

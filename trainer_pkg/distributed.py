@@ -13,6 +13,7 @@ Launch modes and what each becomes:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +48,30 @@ def locate_deepspeed_config() -> None:
     os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
 
 
+def let_the_config_fill_precision() -> None:
+    """Let an accelerate config name mixed_precision beside a DeepSpeed JSON whose precision is "auto".
+
+    Accelerate refuses the pair (it says the JSON's own setting would win) unless the precision
+    came from `accelerate launch --mixed_precision`. A JSON that leaves bf16/fp16 "auto" is filled
+    from mixed_precision either way, so nothing is ignored and the refusal only breaks the
+    documented `accelerate launch --config_file accelerate_configs/deepspeed_*.yaml` command.
+    """
+    fields = os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if "mixed_precision" not in fields or not path or path == "none":
+        return
+    try:
+        ds_config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"DeepSpeed config file {path}: cannot read it as JSON ({error})") from None
+    fixed = [dtype for dtype in ("bf16", "fp16") if str(ds_config.get(dtype, {}).get("enabled", "auto")) != "auto"]
+    if fixed:
+        raise UserError(f"DeepSpeed config file {path} sets {fixed[0]}.enabled and the accelerate config sets "
+                        f"mixed_precision: set {fixed[0]}.enabled to \"auto\" or drop mixed_precision from the "
+                        "accelerate config")
+    os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = ",".join(field for field in fields if field != "mixed_precision")
+
+
 def resolve_precision(requested: str) -> str | None:
     """'auto': the accelerate config's choice when launched with one, else bf16 where supported."""
     if requested == "auto":
@@ -67,6 +92,7 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout
     deepspeed = deepspeed_requested()
     if deepspeed:
         locate_deepspeed_config()
+        let_the_config_fill_precision()
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError(f"the accelerate config asks for DeepSpeed, which is not installed: "
                             f"pip install 'trainer_pkg[deepspeed]', or {FALLBACK}")

@@ -11,9 +11,10 @@ checkpoints find them as before.
 The numbers do not change, bit for bit: autocast rounds a weight to bf16 the same way, and a
 weight's gradient comes out of the same bf16 matmul either way; only where the casts happen
 moves (tests/test_weight_copies.py checks loss and every gradient). It is used only where that
-has been checked: one process (DDP and DeepSpeed reduce the fp32 gradients during the backward
-themselves), bf16 autocast, no --compile (the compiler fuses the casts anyway), and the encoder
-types of `model.CHECKED_ENCODER_TYPES`.
+has been checked: a model that Accelerate left unwrapped (a DDP or DeepSpeed wrapper, even of one
+process, hooks the fp32 parameters to reduce their gradients during the backward), bf16 autocast,
+no --compile (the compiler fuses the casts anyway), and the encoder types of
+`model.CHECKED_ENCODER_TYPES`.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class LowPrecisionWeights:
 def low_precision_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator,
                           enabled: bool) -> LowPrecisionWeights | None:
     """The copies for this run, or None where they are not known to compute the same (see the module
-    doc); `enabled`: asked for and the model not compiled."""
-    applies = (enabled and accelerator.mixed_precision == "bf16" and accelerator.num_processes == 1
-               and accelerator.state.deepspeed_plugin is None and model.config.model_type in CHECKED_ENCODER_TYPES)
+    doc); `model` as `accelerator.prepare` returned it; `enabled`: asked for and the model not compiled."""
+    unwrapped = accelerator.unwrap_model(model)
+    applies = (enabled and accelerator.mixed_precision == "bf16" and unwrapped is model
+               and model.config.model_type in CHECKED_ENCODER_TYPES)
     return LowPrecisionWeights(model, optimizer) if applies else None
