@@ -1,10 +1,12 @@
 """Every launcher config and cluster script is valid: accelerate parses each config, each names
-its own launch command, DeepSpeed leaves what trainer_pkg owns to "auto", scripts pass bash -n
-and shellcheck."""
+its own launch command, DeepSpeed leaves what trainer_pkg owns to "auto" (and a DeepSpeed file
+that fixes its own precision beside a config that names one is refused in one line), scripts pass
+bash -n and shellcheck. tests/test_launch_matrix.py runs them."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,3 +58,20 @@ def test_scripts_are_valid_bash(path: Path):
 def test_scripts_are_shellcheck_clean():
     result = subprocess.run(["shellcheck", "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_a_deepspeed_file_that_fixes_its_precision_beside_a_config_that_names_one_is_one_line(tmp_path, monkeypatch):
+    from trainer_pkg.distributed import let_the_config_fill_precision
+    from trainer_pkg.errors import UserError
+
+    ds_file = tmp_path / "mine.json"
+    ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "fp16": {"enabled": True}}))
+    # What `accelerate launch` exports for a config file with deepspeed_config and mixed_precision.
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", "deepspeed_config_file,zero3_init_flag,mixed_precision")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_file))
+    with pytest.raises(UserError, match=r"mine.json sets fp16.enabled .* mixed_precision"):
+        let_the_config_fill_precision()
+
+    ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}))
+    let_the_config_fill_precision()
+    assert os.environ["ACCELERATE_CONFIG_DS_FIELDS"] == "deepspeed_config_file,zero3_init_flag"
