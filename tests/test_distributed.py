@@ -162,26 +162,32 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tiny_model, ti
     assert json.loads((rerun / "metrics.json").read_text())["test"]["accuracy"] > 0.8
 
 
+def fine_tune_args(export: Path, data: Path, output_dir: Path) -> list[str]:
+    """The ZeRO runs and their DDP reference fine-tune the same weights: under ZeRO-3 a random init
+    is drawn shard by shard and would differ from the DDP run's."""
+    values = tiny_train_args(export, data, output_dir, "--model_overrides", NO_DROPOUT.split(",", 1)[1],
+                             "--group_by_length", "false", "--log_every", "1", "--epochs", "1",
+                             "--per_device_batch_size", "8", "--grad_accum", "2", "--eval_every", "20")
+    values.remove("--from_scratch")
+    return values
+
+
+@pytest.fixture(scope="module")
+def ddp_fine_tuned(export, tiny_nsmc, cache_env, tmp_path_factory) -> Path:
+    """The 2-process DDP run that both ZeRO stages are compared with."""
+    ddp = tmp_path_factory.mktemp("ddp") / "run"
+    launch(torchrun(2), "trainer_pkg.train", *fine_tune_args(export, tiny_nsmc, ddp), env=cache_env)
+    return ddp
+
+
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_on_cpu_processes(stage, export, tiny_nsmc, cache_env, tmp_path):
-    # Both runs fine-tune the same weights: under ZeRO-3 a random init is drawn shard by shard
-    # and would differ from the DDP run's.
-    def args(output_dir):
-        values = tiny_train_args(export, tiny_nsmc, output_dir, "--model_overrides", NO_DROPOUT.split(",", 1)[1],
-                                 "--group_by_length", "false", "--log_every", "1", "--epochs", "1",
-                                 "--per_device_batch_size", "8", "--grad_accum", "2", "--eval_every", "20")
-        values.remove("--from_scratch")
-        return values
-
-    ddp = tmp_path / "ddp"
-    launch(torchrun(2), "trainer_pkg.train", *args(ddp), env=cache_env)
+def test_deepspeed_zero_on_cpu_processes(stage, export, ddp_fine_tuned, tiny_nsmc, cache_env, tmp_path):
     zero = tmp_path / f"zero{stage}"
     # The configs ask for bf16 (for GPUs); the DDP run to compare with is fp32.
     launch(accelerate_launch(f"deepspeed_zero{stage}.yaml", "--num_processes", "2", "--mixed_precision", "no"),
-           "trainer_pkg.train",
-           *args(zero), env=cache_env)
-    ddp_losses = [r["loss"] for r in log_records(ddp, "train")]
+           "trainer_pkg.train", *fine_tune_args(export, tiny_nsmc, zero), env=cache_env)
+    ddp_losses = [r["loss"] for r in log_records(ddp_fine_tuned, "train")]
     zero_losses = [r["loss"] for r in log_records(zero, "train")]
     assert len(zero_losses) == len(ddp_losses) > 20
     # The export fine-tuned here is already confident (losses of 0.02-0.07), where fp32 reduction-order
@@ -204,11 +210,11 @@ def test_deepspeed_zero_on_cpu_processes(stage, export, tiny_nsmc, cache_env, tm
     assert json.loads((tmp_path / "converted.json").read_text())["accuracy"] == in_run["accuracy"]
 
     # ZeRO shards cannot be re-split over another number of processes: a clear error.
-    refused = run_module("trainer_pkg.train", *args(zero), "--resume", env={**cache_env, "ACCELERATE_USE_DEEPSPEED": "true",
-                                          "ACCELERATE_DEEPSPEED_CONFIG_FILE":
-                                          f"accelerate_configs/deepspeed/zero{stage}.json",
-                                          "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
-                                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631"}, check=False)
+    one_process = {**cache_env, "ACCELERATE_USE_DEEPSPEED": "true",
+                   "ACCELERATE_DEEPSPEED_CONFIG_FILE": f"accelerate_configs/deepspeed/zero{stage}.json",
+                   "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631"}
+    refused = run_module("trainer_pkg.train", *fine_tune_args(export, tiny_nsmc, zero), "--resume", env=one_process,
+                         check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "saved by 2 DeepSpeed processes" in refused.stderr
 
