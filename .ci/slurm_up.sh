@@ -136,7 +136,9 @@ fi
 # --------------------------------------------------------------------------
 NODE=$(hostname -s)
 [[ -n "$NODE" ]] || die "hostname -s is empty"
-NCPU=$(nproc)
+# nproc counts OMP_NUM_THREADS as the CPUs it may use: a CI run with OMP_NUM_THREADS=1 would get a
+# one-CPU node that never schedules the two-task jobs.
+NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM_MB=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
 # leave ~5% (at least 256 MB) for the OS so slurmd never reports low memory
 REAL_MEM=$((MEM_MB - (MEM_MB / 20 > 256 ? MEM_MB / 20 : 256)))

@@ -95,7 +95,6 @@ def low_precision_weights(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                           enabled: bool) -> LowPrecisionWeights | None:
     """The copies for this run, or None where they are not known to compute the same (see the module
     doc); `model` as `accelerator.prepare` returned it; `enabled`: asked for and the model not compiled."""
-    unwrapped = accelerator.unwrap_model(model)
-    applies = (enabled and accelerator.mixed_precision == "bf16" and unwrapped is model
+    applies = (enabled and accelerator.mixed_precision == "bf16" and accelerator.unwrap_model(model) is model
                and model.config.model_type in CHECKED_ENCODER_TYPES)
     return LowPrecisionWeights(model, optimizer) if applies else None
