@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from benchmarks.benchmark import PROXY  # noqa: E402
 from trainer_pkg.config import TrainConfig  # noqa: E402
-from trainer_pkg.data import eval_dataloader, load_tokenized, train_dataloader  # noqa: E402
+from trainer_pkg.data import eval_dataloader, load_tokenized, resolve_columns_and_labels, train_dataloader  # noqa: E402
 from trainer_pkg.distributed import make_accelerator  # noqa: E402
 from trainer_pkg.inference import evaluate_dataloader  # noqa: E402
 from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, load_tokenizer, model_inputs  # noqa: E402
@@ -150,7 +150,8 @@ def main() -> None:
     accelerator = make_accelerator(config.mixed_precision)
     tokenizer = load_tokenizer(config.tokenizer_name)
     started = time.perf_counter()
-    splits, _ = load_tokenized(config, tokenizer, splits=("train", "test"))
+    config = resolve_columns_and_labels(config)
+    splits, _ = load_tokenized(config, tokenizer)
     print(f"data: {len(splits['train']):,} train / {len(splits['test']):,} test rows, {time.perf_counter() - started:.1f} s",
           flush=True)
     model = build_model(config, config.labels).to(accelerator.device)

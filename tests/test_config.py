@@ -13,11 +13,10 @@ import yaml
 
 from trainer_pkg.config import (
     DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH,
-    DEFAULT_BATCH_CPU,
-    DEFAULT_BATCH_GPU,
     DEFAULT_LR_FROM_SCRATCH,
     DEFAULT_LR_PRETRAINED,
     FIELD_NAMES,
+    NOT_SAVED,
     TrainConfig,
     build_parser,
     config_from_file,
@@ -41,10 +40,11 @@ def test_defaults_are_the_reference_job():
     config = load_config([])
     assert config.model == "google-bert/bert-base-multilingual-uncased"
     assert config.tokenizer_name == config.model
-    assert config.data == "nsmc"
+    # No data, text column or labels given: NSMC, its text column found in the file, its class names.
+    assert config.data is None and config.train_file is None
     assert config.validation_size == 5000
-    assert config.labels == ["negative", "positive"]
-    assert config.text_column == "document" and config.label_column == "label" and config.id_column == "id"
+    assert config.labels is None and config.text_column is None
+    assert config.label_column == "label" and config.id_column == "id"
     assert config.from_scratch is False
     assert config.lr is None and config.effective_lr == DEFAULT_LR_PRETRAINED == 5e-5
     assert config == TrainConfig()
@@ -54,29 +54,6 @@ def test_effective_lr_depends_on_from_scratch_unless_set():
     assert load_config(["--from_scratch"]).effective_lr == DEFAULT_LR_FROM_SCRATCH
     assert load_config(["--from_scratch", "--lr", "0.25"]).effective_lr == 0.25
     assert load_config(["--lr", "3e-4"]).effective_lr == pytest.approx(3e-4, rel=1e-15)
-
-
-def test_batch_size_default_depends_on_the_device_unless_set(tmp_path):
-    config = load_config([])
-    assert config.per_device_batch_size is None
-    assert config.for_device("cpu").per_device_batch_size == DEFAULT_BATCH_CPU == 64
-    assert config.for_device("cuda").per_device_batch_size == DEFAULT_BATCH_GPU
-    assert load_config(["--per_device_batch_size", "24"]).for_device("cuda").per_device_batch_size == 24
-    # What a run saves is the resolved value: a resume on another device keeps the batch it started with.
-    config.for_device("cuda").save(tmp_path / "config.yaml")
-    assert config_from_file(tmp_path / "config.yaml").for_device("cpu").per_device_batch_size == DEFAULT_BATCH_GPU
-
-
-def test_default_lr_follows_the_square_root_of_the_global_batch():
-    scratch = load_config(["--from_scratch"])
-    assert scratch.for_device("cpu").lr == DEFAULT_LR_FROM_SCRATCH  # batch 64, where it was tuned
-    assert scratch.for_device("cuda").lr == pytest.approx(DEFAULT_LR_FROM_SCRATCH * (DEFAULT_BATCH_GPU / 64) ** 0.5)
-    # Global batch = per device x processes x accumulation: 16 x 2 x 8 = 256 -> x2.
-    accumulated = load_config(["--per_device_batch_size", "16", "--grad_accum", "8"])
-    assert accumulated.for_device("cpu", num_processes=2).lr == pytest.approx(2 * DEFAULT_LR_PRETRAINED)
-    # A learning rate given is used as given; token budgets have no fixed batch to scale by.
-    assert load_config(["--lr", "3e-4", "--per_device_batch_size", "512"]).for_device("cpu").lr == pytest.approx(3e-4)
-    assert load_config(["--max_tokens_per_batch", "4096"]).for_device("cuda").effective_lr == DEFAULT_LR_PRETRAINED
 
 
 # --- YAML and command line --------------------------------------------------------------------
@@ -202,7 +179,7 @@ def test_validate_reports_every_problem_at_once():
     message = str(caught.value)
     assert message.startswith("invalid configuration: ")
     for fragment in (
-        "epochs must be >= 1 (got 0)",
+        "epochs must be >= 1 or unset (got 0)",
         "lr must be > 0 (got -1.0)",
         "warmup_ratio must be in [0, 1) (got 1.5)",
         "mixed_precision must be one of",
@@ -302,7 +279,7 @@ def test_bad_type_in_yaml_names_the_file(tmp_path):
     assert str(caught.value) == f"{path}: epochs expects int, got 1.5"
 
 
-@pytest.mark.parametrize("key", ["epochs", "weight_decay"])
+@pytest.mark.parametrize("key", ["log_every", "weight_decay"])
 def test_null_yaml_value_for_required_field_is_a_user_error(tmp_path, key):
     path = tmp_path / "run.yaml"
     path.write_text(f"{key}:\n", encoding="utf-8")
@@ -345,8 +322,8 @@ def test_save_and_config_from_file_round_trip(tmp_path):
     saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert saved["lr"] == DEFAULT_LR_FROM_SCRATCH  # the effective lr is written, not null
     assert saved["attention_lr_scale"] == DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH
-    assert "debug" not in saved
-    assert set(saved) == set(FIELD_NAMES) - {"debug"}
+    assert "debug" not in saved and "dry_run" not in saved
+    assert set(saved) == set(FIELD_NAMES) - set(NOT_SAVED)
 
     loaded = config_from_file(path)
     assert loaded.lr == DEFAULT_LR_FROM_SCRATCH

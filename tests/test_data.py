@@ -25,6 +25,7 @@ from trainer_pkg.data import (
     eval_dataloader,
     load_tokenized,
     read_table,
+    resolve_columns_and_labels,
     source_files,
     texts_dataset,
     train_dataloader,
@@ -232,7 +233,8 @@ def test_quote_characters_come_back_intact(tmp_path, nsmc):
     assert len(table) == N_TRAIN
     assert table["document"] == expected
 
-    cleaned = check_and_clean(table, str(path), make_config(tmp_path, nsmc), "train", DataReport())
+    cleaned = check_and_clean(table, str(path), resolve_columns_and_labels(make_config(tmp_path, nsmc)), "train",
+                              DataReport())
     assert cleaned["text"] == expected
     assert cleaned["id"] == [row[0] for row in raw_rows(path)[1:]]
 
@@ -322,7 +324,7 @@ def test_missing_label_column(tmp_path, nsmc, tok):
 def test_missing_file(tmp_path, nsmc, tok):
     (nsmc / "ratings_test.txt").unlink()
     with pytest.raises(UserError, match=r"test file not found: .*ratings_test\.txt"):
-        load_tokenized(make_config(tmp_path, nsmc), tok)
+        load_tokenized(make_config(tmp_path, nsmc, test_file=str(nsmc / "ratings_test.txt")), tok)
     with pytest.raises(UserError, match="train file not found"):
         load_tokenized(make_config(tmp_path, nsmc, train_file=str(tmp_path / "nope.tsv")), tok)
 
@@ -406,7 +408,8 @@ def test_jsonl_unknown_label_line_number(tmp_path, nsmc, tok):
     lines[6] = json.dumps({"document": "x", "label": 7})
     jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"train\.jsonl line 7: label 7 is not one of"):
-        load_tokenized(make_config(tmp_path, nsmc, train_file=str(jsonl), validation_size=5), tok)
+        load_tokenized(make_config(tmp_path, nsmc, train_file=str(jsonl), validation_size=5,
+                                   labels=["negative", "positive"]), tok)
 
 
 def test_texts_dataset_for_prediction(tmp_path, nsmc):

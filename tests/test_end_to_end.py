@@ -141,14 +141,15 @@ def test_bad_inputs_give_one_line_errors(case, tiny_model, tiny_nsmc, cache_env,
     expected = {}
     if case == "missing_data_dir":
         args[args.index("--data") + 1] = str(tmp_path / "nowhere")
-        expected = {"nowhere", "ratings_train.txt"}
+        expected = {"nowhere", "no such directory"}
     elif case == "no_weights":
         args.remove("--from_scratch")
         expected = {"--from_scratch", str(tiny_model)}
     elif case == "unknown_label":
         bad = tmp_path / "bad.tsv"
+        # The classes come from the training file (NSMC's two); the test file has a third.
         bad.write_text("id\tdocument\tlabel\n1\tgood\t1\n2\tbad\t0\n3\tstrange\t2\n", encoding="utf-8")
-        args += ["--train_file", str(bad), "--validation_size", "1"]
+        args += ["--test_file", str(bad)]
         expected = {str(bad), "line 4", "'2'"}
     elif case == "missing_test_file":
         args += ["--test_file", str(tmp_path / "missing.tsv")]
@@ -175,7 +176,22 @@ def test_a_default_batch_that_leaves_few_steps_per_epoch_says_so(tiny_model, tin
                         cache_env, tmp_path / "runs")
     assert all(result.returncode == 0 for result in runs.values()), {n: r.stderr[-2000:] for n, r in runs.items()}
     shown = {name: " ".join(result.stderr.split()) for name, result in runs.items()}
-    # 1,000 training rows at the CPU default of 64: 16 steps per epoch.
-    assert "only 16 optimizer steps per epoch at the default batch (64 per device)" in shown["default"], shown["default"]
-    assert "optimizer steps per epoch at the default batch" not in shown["chosen"]
-    assert "optimizer steps per epoch at the default batch" not in shown["budget"]
+    # 1,000 training rows at the from-scratch default of 64: 16 steps per epoch.
+    assert "only 16 optimizer steps per epoch at the default global batch (64)" in shown["default"], shown["default"]
+    assert "optimizer steps per epoch at the default" not in shown["chosen"]
+    assert "optimizer steps per epoch at the default" not in shown["budget"]
+
+
+def test_early_stopping_ends_training_after_patience_validations_without_a_better_score(tiny_model, tiny_nsmc,
+                                                                                        cache_env, tmp_path):
+    # A learning rate too small to change a prediction: the first validation stays the best.
+    output_dir = tmp_path / "patient"
+    result = run_module("trainer_pkg.train", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--lr", "1e-12",
+                                                              "--eval_every", "2", "--early_stopping_patience", "2",
+                                                              "--report_to", "none"), env=cache_env)
+    metrics = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["stopped_early"] is True
+    assert metrics["optimizer_steps"] == 6  # validations at 2 (best), 4 and 6 (no better: two in a row)
+    assert metrics["best_checkpoint"] == "step-00000002"
+    assert "early stopping at step 6: 2 validations without a better accuracy" in " ".join(result.stderr.split())
+    assert (output_dir / "model" / "model.safetensors").is_file()

@@ -127,7 +127,7 @@ def test_non_bert_model_keeps_its_init_and_says_so(tmp_path):
     config.save_pretrained(tmp_path)
     warnings = []
     built = build_model(load_config(["--model", str(tmp_path), "--from_scratch"]), ["negative", "positive"],
-                        warn=warnings.append)
+                        say=warnings.append)
     assert type(built).__name__ == "DistilBertForSequenceClassification"
     assert len(warnings) == 1 and "DistilBertForSequenceClassification is not a BERT-style encoder" in warnings[0]
 

@@ -53,6 +53,8 @@ class TrainingState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
     best_validation: dict = field(default_factory=dict)
+    validations_since_best: int = 0  # for --early_stopping_patience
+    stopped_early: bool = False
     scheduler: dict = field(default_factory=dict)
 
     @classmethod

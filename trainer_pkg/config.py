@@ -12,7 +12,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -25,21 +24,20 @@ import yaml
 from trainer_pkg.errors import UserError
 
 DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
-# A from-scratch encoder has to learn its embeddings too: it wants a far larger step than
-# fine-tuning pretrained weights, where 5e-5 is the usual choice. 1e-3 is the best of a one-epoch
-# sweep on the offline proxy with the local attention init (README, "Defaults for from-scratch runs").
+# The recipes' defaults, each measured on its own path (docs/pretrained.md, README "Defaults"):
+# fine-tuning pretrained weights on full SST-2 with all-MiniLM-L6-v2, and training from scratch on
+# the offline NSMC proxy. The global batch is the recipe's, whatever the number of processes
+# (trainer_pkg/plan.py); the lr is scaled by sqrt(global batch / the recipe's) for other batches.
+DEFAULT_GLOBAL_BATCH_PRETRAINED = 32
 DEFAULT_LR_PRETRAINED = 5e-5
+DEFAULT_EPOCHS_PRETRAINED = 2
+# A from-scratch encoder has to learn its embeddings too: it wants a far larger step.
+DEFAULT_GLOBAL_BATCH_FROM_SCRATCH = 64
 DEFAULT_LR_FROM_SCRATCH = 1e-3
-# Both are tuned at a global batch of 64 rows. Other batches get them scaled by sqrt(batch / 64),
-# the square-root rule for Adam: on the proxy at batch 512 it scored 0.800, against 0.793 for the
-# unscaled 1e-3 (README, "Batch size and learning rate on a GPU").
-DEFAULT_LR_BATCH = 64
+DEFAULT_EPOCHS_FROM_SCRATCH = 1
 DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH = 0.03
-# Measured per-step costs decide these (docs/performance.md): on the CPU the arithmetic of a batch
-# dominates and small batches learn the most per epoch; on the H100 we measured, a BERT-base step
-# cost 65-100 ms of host-side kernel launches whatever the batch, and batch 64 kept the GPU 9% busy.
-DEFAULT_BATCH_CPU = 64
-DEFAULT_BATCH_GPU = 512
+# How this invocation runs, not what the run is: left out of the saved config.
+NOT_SAVED = ("debug", "dry_run", "assume_processes", "assume_device")
 REPORT_TO_CHOICES = ("auto", "none", "tensorboard", "wandb", "mlflow")
 
 
@@ -61,24 +59,32 @@ class TrainConfig:
     """Truncate texts to this many tokens; default: the tokenizer's model_max_length (512 for BERT)."""
 
     # --- data --------------------------------------------------------------------------------
-    data: str = "nsmc"
-    """'nsmc' (the original NSMC files from GitHub), a local directory holding ratings_train.txt and
-    ratings_test.txt, or a hub dataset id with train/test splits."""
+    data: str | None = None
+    """'nsmc' (the original NSMC files from GitHub; the default without --train_file), a local directory
+    holding train / validation (or dev) / test files as .tsv, .csv, .jsonl or .json (NSMC's
+    ratings_train.txt and ratings_test.txt too), or a hub dataset id with train/test splits."""
     train_file: str | None = None
     """A TSV/CSV/JSONL training file (overrides --data for training)."""
+    validation_file: str | None = None
+    """A TSV/CSV/JSONL validation file for evaluation during training and model selection (e.g. a
+    dataset's official dev split); without one, --validation_size rows are carved from train."""
     test_file: str | None = None
-    """A TSV/CSV/JSONL test file (overrides --data for testing)."""
-    text_column: str = "document"
-    """Name of the text column in the data files."""
+    """A TSV/CSV/JSONL test file, scored once by the best model (overrides --data for testing); without
+    a test split the final report is on the validation split."""
+    text_column: str | None = None
+    """Name of the text column; default: the one column besides the label and id columns, or the one
+    named text, sentence, document, review, content or comment."""
     label_column: str = "label"
     """Name of the label column in the data files."""
     id_column: str = "id"
     """Name of the row-id column, carried into predictions when present."""
-    labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
-    """Class names in label-id order; a label in the data may be the id (0, 1, ...) or the name."""
+    labels: list[str] | None = None
+    """Class names in label-id order; a label in the data may be the id (0, 1, ...) or the name.
+    Default: read from the training labels (ids 0..K-1 are named "0".."K-1", names are sorted);
+    negative,positive for NSMC."""
     validation_size: int = 5000
     """Rows carved from the training data (seeded) for evaluation during training and model
-    selection; the test set is never used to choose anything."""
+    selection, when there is no validation file; the test set is never used to choose anything."""
     max_train_samples: int | None = None
     """Use only this many training rows (after the validation split)."""
     max_eval_samples: int | None = None
@@ -87,14 +93,18 @@ class TrainConfig:
     """Where datasets caches downloads and tokenized data; default: the datasets cache."""
 
     # --- optimisation ------------------------------------------------------------------------
-    epochs: int = 1
-    """Passes over the training data."""
+    epochs: int | None = None
+    """Passes over the training data; default 2 for pretrained weights, 1 with --from_scratch
+    (docs/pretrained.md has the measurements)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
+    early_stopping_patience: int = 0
+    """Stop training after this many validations in a row without a better --metric_for_best (0: off);
+    the best checkpoint is exported either way."""
     lr: float | None = None
-    """Peak learning rate; default 5e-5 for pretrained weights, 1e-3 with --from_scratch, each at a global
-    batch of 64 rows and scaled by sqrt(global batch / 64) for other batch sizes (not with
-    --max_tokens_per_batch, whose batches vary)."""
+    """Peak learning rate; default 5e-5 for pretrained weights at their default global batch of 32,
+    1e-3 with --from_scratch at 64, scaled by sqrt(global batch / default) for other global batches
+    (not with --max_tokens_per_batch, whose batches vary)."""
     attention_lr_scale: float | None = None
     """Learning-rate multiplier for the position embeddings and attention query/key weights; default 1
     for pretrained weights, 0.03 with --from_scratch (see trainer_pkg/scratch.py)."""
@@ -102,11 +112,15 @@ class TrainConfig:
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.06
     """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    global_batch_size: int | None = None
+    """Rows per optimizer step over all processes; default 32 for pretrained weights, 64 with
+    --from_scratch, the same on 1 process or 64. The hardware only decides how it is split."""
     per_device_batch_size: int | None = None
-    """Training examples per process per forward pass; default 64 on the CPU, 512 on a GPU, where a
-    step's fixed cost (kernel launches, the optimizer pass) needs a large batch to keep the GPU busy."""
-    grad_accum: int = 1
-    """Forward passes accumulated per optimizer step; global batch = per-device batch x processes x this."""
+    """Rows per process per forward pass; default: the global batch split over the processes, at most
+    64 on the CPU and 512 on a GPU per pass (more is accumulated). Given without --global_batch_size,
+    global = this x processes x --grad_accum."""
+    grad_accum: int | None = None
+    """Forward passes accumulated per optimizer step; default: as few as the per-device limit allows."""
     eval_batch_size: int = 256
     """Examples per process per evaluation forward pass."""
     max_grad_norm: float = 1.0
@@ -158,6 +172,15 @@ class TrainConfig:
     """Experiment trackers, comma-separated: tensorboard, wandb, mlflow; 'auto' (TensorBoard when installed,
     written to <output_dir>/tensorboard) or 'none'."""
 
+    # --- planning --------------------------------------------------------------------------
+    dry_run: bool = False
+    """Resolve the data, batch, accumulation, lr, warmup and steps, print the plan (its last stdout line
+    one JSON object) and exit without training."""
+    assume_processes: int | None = None
+    """With --dry_run: plan for this many processes instead of the launch at hand."""
+    assume_device: str | None = None
+    """With --dry_run: plan for this device type (cuda or cpu) instead of this machine's."""
+
     # ------------------------------------------------------------------------------------------
     @property
     def effective_lr(self) -> float:
@@ -171,17 +194,6 @@ class TrainConfig:
             return self.attention_lr_scale
         return DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH if self.from_scratch else 1.0
 
-    def for_device(self, device_type: str, num_processes: int = 1) -> TrainConfig:
-        """This config with the defaults that depend on the hardware filled in: the per-device batch,
-        and the learning rate for the resulting global batch."""
-        batch = self.per_device_batch_size
-        if batch is None:
-            batch = DEFAULT_BATCH_GPU if device_type == "cuda" else DEFAULT_BATCH_CPU
-        lr = self.lr
-        if lr is None and not self.max_tokens_per_batch:
-            lr = self.effective_lr * math.sqrt(batch * num_processes * self.grad_accum / DEFAULT_LR_BATCH)
-        return dataclasses.replace(self, per_device_batch_size=batch, lr=lr)
-
     @property
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.model
@@ -194,12 +206,14 @@ class TrainConfig:
             if not ok:
                 problems.append(message)
 
-        for name in ("epochs", "grad_accum", "eval_batch_size", "log_every"):
+        for name in ("eval_batch_size", "log_every"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("per_device_batch_size", "max_steps", "max_train_samples", "max_eval_samples", "max_length"):
+        for name in ("epochs", "grad_accum", "global_batch_size", "per_device_batch_size", "max_steps",
+                     "max_train_samples", "max_eval_samples", "max_length", "assume_processes"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{name} must be >= 1 or unset (got {value})")
-        for name in ("eval_every", "save_every", "validation_size", "num_workers", "max_tokens_per_batch"):
+        for name in ("eval_every", "save_every", "validation_size", "num_workers", "max_tokens_per_batch",
+                     "early_stopping_patience"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
         check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (got {self.keep_checkpoints})")
@@ -215,15 +229,23 @@ class TrainConfig:
             self.mixed_precision in ("auto", "no", "bf16", "fp16"),
             f"mixed_precision must be one of auto, no, bf16, fp16 (got {self.mixed_precision!r})",
         )
-        check(len(self.labels) >= 2, f"labels needs at least two class names (got {self.labels})")
-        check(len(set(self.labels)) == len(self.labels), f"labels has duplicates: {self.labels}")
+        if self.labels is not None:
+            check(len(self.labels) >= 2, f"labels needs at least two class names (got {self.labels})")
+            check(len(set(self.labels)) == len(self.labels), f"labels has duplicates: {self.labels}")
+        check(self.assume_device in (None, "cpu", "cuda"), f"assume_device must be cpu or cuda (got {self.assume_device!r})")
+        check(self.dry_run or (self.assume_processes is None and self.assume_device is None),
+              "assume_processes and assume_device plan a launch: they need dry_run")
         check(
             self.metric_for_best in ("accuracy", "f1", "f1_macro", "precision", "recall"),
             f"metric_for_best must be accuracy, f1, f1_macro, precision or recall (got {self.metric_for_best!r})",
         )
         check(
-            self.validation_size >= 1 or self.eval_every == 0,
-            "eval_every needs a validation split: set validation_size >= 1",
+            self.validation_size >= 1 or self.validation_file is not None or self.eval_every == 0,
+            "eval_every needs a validation split: set validation_size >= 1 or give validation_file",
+        )
+        check(
+            self.validation_size >= 1 or self.validation_file is not None or self.early_stopping_patience == 0,
+            "early_stopping_patience needs a validation split: set validation_size >= 1 or give validation_file",
         )
         check(bool(self.output_dir), "output_dir must not be empty")
         check(all(name in REPORT_TO_CHOICES for name in self.report_to),
@@ -241,7 +263,8 @@ class TrainConfig:
         resolved = self.to_dict()
         resolved["lr"] = self.effective_lr
         resolved["attention_lr_scale"] = self.effective_attention_lr_scale
-        resolved.pop("debug")
+        for name in NOT_SAVED:
+            resolved.pop(name)
         # Written beside, then renamed: a reader never sees half a file.
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -276,7 +299,8 @@ ALIASES = {
     "per_device_train_batch_size": "per_device_batch_size", "per_device_eval_batch_size": "eval_batch_size",
     "model_name_or_path": "model", "resume_from_checkpoint": "resume", "eval_steps": "eval_every",
     "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
-    "warmup": "warmup_ratio", "num_epochs": "epochs",
+    "warmup": "warmup_ratio", "num_epochs": "epochs", "validation_split_file": "validation_file",
+    "dev_file": "validation_file", "eval_file": "validation_file", "early_stopping": "early_stopping_patience",
 }
 
 

@@ -1,7 +1,7 @@
 """Load, check, tokenize and batch the text-classification data.
 
-Sources: the original NSMC TSVs (GitHub URLs, the default), a local directory holding
-ratings_train.txt / ratings_test.txt, explicit TSV/CSV/JSONL files, or a hub dataset id.
+Sources (trainer_pkg/data_sources.py): the original NSMC TSVs (GitHub URLs, the default), a local
+directory of train/validation/test files, explicit TSV/CSV/JSONL files, or a hub dataset id.
 Every file is read with `datasets` (so downloads and tokenization are cached on disk) and checked
 row by row: an unknown label stops the run with the file and line; an empty text is kept as ""
 and counted. Local files are first scanned line by line (`scan_local_file`) for what the parsers
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,15 +28,11 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from trainer_pkg.config import TrainConfig
+from trainer_pkg.data_sources import NSMC_LABELS, NSMC_URLS, is_nsmc, missing_split_error, source_files
 from trainer_pkg.errors import UserError
 from trainer_pkg.network import require_download
 
-NSMC_URLS = {
-    "train": "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt",
-    "test": "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_test.txt",
-}
 NSMC_COLUMNS = ["id", "document", "label"]
-NSMC_FILES = {"train": "ratings_train.txt", "test": "ratings_test.txt"}
 # Bump when the tokenized layout changes, so stale caches are not reused.
 TOKENIZED_FORMAT_VERSION = 1
 
@@ -52,6 +48,7 @@ class DataReport:
     blank_lines: dict[str, int] = field(default_factory=dict)
     ignored_columns: dict[str, list[str]] = field(default_factory=dict)
     missing_classes: dict[str, list[str]] = field(default_factory=dict)
+    carved_validation: bool = False
 
     def lines(self) -> list[str]:
         lines = []
@@ -59,7 +56,8 @@ class DataReport:
         for split, count in self.rows.items():
             counted = (("empty_texts", "empty texts kept"), ("truncated_texts", "texts truncated"),
                        ("duplicate_ids", "duplicate ids kept"), ("blank_lines", "blank lines skipped"))
-            notes = [f"{getattr(self, name)[split]} {what}" for name, what in counted if getattr(self, name).get(split)]
+            notes = ["carved from train"] if split == "validation" and self.carved_validation else []
+            notes += [f"{getattr(self, name)[split]} {what}" for name, what in counted if getattr(self, name).get(split)]
             if self.ignored_columns.get(split):
                 notes.append(f"columns ignored: {', '.join(self.ignored_columns[split])}")
             if self.missing_classes.get(split):
@@ -74,25 +72,6 @@ class DataReport:
         return {"rows": self.rows, "empty_texts": self.empty_texts, "truncated_texts": self.truncated_texts,
                 "duplicate_ids": self.duplicate_ids, "blank_lines": self.blank_lines,
                 "ignored_columns": self.ignored_columns, "missing_classes": self.missing_classes}
-
-
-def source_files(config: TrainConfig) -> dict[str, str]:
-    """Where each split comes from: a local path or a URL ('hub:ID' for a hub dataset)."""
-    explicit = {split: path for split, path in (("train", config.train_file), ("test", config.test_file)) if path}
-    if len(explicit) == 2:
-        return explicit
-    if config.data == "nsmc":
-        sources = dict(NSMC_URLS)
-    elif Path(config.data).is_dir():
-        sources = {split: str(Path(config.data) / name) for split, name in NSMC_FILES.items()}
-    elif config.data.startswith((".", "/", "~")) or config.data.count("/") > 1:
-        raise UserError(
-            f"--data {config.data}: no such directory (expected a directory holding "
-            "ratings_train.txt and ratings_test.txt, 'nsmc', or a hub dataset id)"
-        )
-    else:
-        sources = {split: f"hub:{config.data}" for split in ("train", "test")}
-    return {**sources, **explicit}
 
 
 def _is_remote(source: str) -> bool:
@@ -115,8 +94,8 @@ def _download_cached(source: str, cache_dir: str | None) -> bool:
 
 
 LOCAL_DATA_HINT = (
-    "pass --data DIR (a directory holding ratings_train.txt and ratings_test.txt) "
-    "or --train_file/--test_file with local files"
+    "pass --data DIR (a directory of train/validation/test files, or NSMC's ratings_train.txt and "
+    "ratings_test.txt) or --train_file/--test_file with local files"
 )
 
 
@@ -312,8 +291,11 @@ def _all_strings(names: list[str]) -> datasets.Features:
 
 def label_ids(values: list, names: list[str]) -> tuple[list[int], int | None]:
     """Map labels given as ids (0, '1') or names ('positive') to ids; also the first bad position."""
-    lookup = {name: i for i, name in enumerate(names)}
-    lookup.update({str(i): i for i in range(len(names))})
+    # Ids stand for classes only when no class is named by a number: with names "1".."5" (star
+    # ratings), "1" is the first class, not id 1.
+    numbered = any(name.strip().lstrip("-").isdigit() for name in names)
+    lookup = {} if numbered else {str(i): i for i in range(len(names))}
+    lookup.update({name: i for i, name in enumerate(names)})
     ids = []
     for position, value in enumerate(values):
         label = lookup.get(str(value).strip()) if value is not None and not isinstance(value, bool) else None
@@ -333,25 +315,98 @@ def column_values(dataset: Dataset, name: str) -> list:
     return dataset.with_format("arrow")[name].to_pylist()
 
 
+# A column by one of these names holds the text when the columns alone leave it open.
+TEXT_COLUMN_NAMES = ("text", "sentence", "document", "review", "content", "comment")
+
+
+def _shown_columns(columns: list[str]) -> str:
+    return ", ".join(name if len(name) <= 30 else name[:27] + "..." for name in columns)
+
+
+def find_text_column(table: Dataset, source: str, text_column: str | None, not_text: set[str]) -> str:
+    """`text_column` when given, else the one text column there is: the only string column besides
+    `not_text` (the label and id columns), else the only one named like a text (TEXT_COLUMN_NAMES)."""
+    if text_column:
+        return text_column
+    candidates = [name for name, feature in table.features.items() if name not in not_text
+                  and getattr(feature, "dtype", None) in ("string", "large_string")]
+    if len(candidates) == 1:
+        return candidates[0]
+    named = [name for name in candidates if name.lower() in TEXT_COLUMN_NAMES]
+    if len(named) == 1:
+        return named[0]
+    found = f"text columns {_shown_columns(candidates)}" if candidates else "no text column"
+    raise UserError(f"{source}: cannot tell which column holds the text ({found}; all columns: "
+                    f"{_shown_columns(table.column_names)}); pass --text_column NAME")
+
+
+def require_label_column(table: Dataset, source: str, config: TrainConfig) -> None:
+    columns = table.column_names
+    if config.label_column in columns:
+        return
+    tabular = not source.lower().endswith((".json", ".jsonl"))
+    # A first line of data instead of names holds neither the text column nor any usual name of one.
+    if config.text_column:
+        no_header = tabular and config.text_column not in columns
+    else:
+        no_header = tabular and not any(name.lower() in TEXT_COLUMN_NAMES for name in columns)
+    raise UserError(
+        f"{source}{' line 1' if tabular else ''}: no label column {config.label_column!r} (columns: "
+        f"{_shown_columns(columns)}); "
+        + ("the first line must be a header naming the columns" if no_header else "pass --label_column NAME or fix the header")
+    )
+
+
+def infer_labels(table: Dataset, source: str, config: TrainConfig) -> list[str]:
+    """The class names of the training labels: ids 0..K-1 named "0".."K-1", other numbers in numeric
+    order, names sorted; a hub dataset's ClassLabel names as they are."""
+    feature = table.features[config.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = {str(value).strip() for value in column_values(table, config.label_column)
+              if value is not None and not isinstance(value, bool) and str(value).strip()}
+    # JSON numbers arrive as floats when one row has a fraction: 1.0 is the class 1.
+    values = {value[:-2] if value.endswith(".0") and value[:-2].lstrip("-").isdigit() else value for value in values}
+    if len(values) < 2:
+        shown = f"only {next(iter(values))!r}" if values else "none"
+        raise UserError(f"{source}: the {config.label_column!r} column holds {shown} as labels; training needs at "
+                        "least two classes: check the file and --label_column, or pass --labels")
+    if all(value.lstrip("-").isdigit() for value in values):
+        return [str(number) for number in sorted(int(value) for value in values)]
+    return sorted(values)
+
+
+def resolve_columns_and_labels(config: TrainConfig) -> TrainConfig:
+    """The config with --text_column and --labels filled from the training data where not given."""
+    if config.text_column is not None and config.labels is not None:
+        return config
+    sources = source_files(config)
+    if "train" not in sources:
+        raise missing_split_error(config, "train")
+    table = read_table(sources["train"], "train", config.cache_dir)
+    require_label_column(table, sources["train"], config)
+    text_column = find_text_column(table, sources["train"], config.text_column, {config.label_column, config.id_column})
+    if config.labels is not None:
+        labels = config.labels
+    else:
+        labels = NSMC_LABELS if is_nsmc(config) else infer_labels(table, sources["train"], config)
+    return dataclasses.replace(config, text_column=text_column, labels=labels)
+
+
 def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str, report: DataReport,
                     label_hint: str = LABEL_HINT) -> Dataset:
     """Check columns and labels; normalise texts to strings and labels to ids."""
     columns = table.column_names
     tabular = not source.lower().endswith((".json", ".jsonl"))
-    for role, column in (("text", config.text_column), ("label", config.label_column)):
-        if column not in columns:
-            flag = f"--{role}_column"
-            shown = ", ".join(name if len(name) <= 30 else name[:27] + "..." for name in columns)
-            no_header = tabular and config.text_column not in columns and config.label_column not in columns
-            raise UserError(
-                f"{source}{' line 1' if tabular else ''}: no {role} column {column!r} (columns: {shown}); "
-                + ("the first line must be a header naming the columns" if no_header
-                   else f"pass {flag} NAME or fix the header")
-            )
+    require_label_column(table, source, config)
+    text_column = find_text_column(table, source, config.text_column, {config.label_column, config.id_column})
+    if text_column not in columns:
+        raise UserError(f"{source}{' line 1' if tabular else ''}: no text column {text_column!r} (columns: "
+                        f"{_shown_columns(columns)}); pass --text_column NAME or fix the header")
     first_data_line = 1 if not tabular else 2
     # Only these values go into the closure: datasets fingerprints the function with what it
     # captures, and capturing the whole config would re-tokenize whenever any setting changed.
-    text_column, label_column, labels = config.text_column, config.label_column, list(config.labels)
+    label_column, labels = config.label_column, list(config.labels)
 
     def clean(batch: dict, indices: list[int]) -> dict:
         ids, bad = label_ids(batch[label_column], labels)
@@ -376,17 +431,17 @@ def check_and_clean(table: Dataset, source: str, config: TrainConfig, split: str
     if keep and config.id_column != "id":
         cleaned = cleaned.rename_column(config.id_column, "id")
     report.empty_texts[split] = sum(1 for text in column_values(cleaned, "text") if not text.strip())
-    count_handled_problems(cleaned, columns, config, split, report)
+    count_handled_problems(cleaned, columns, config, text_column, split, report)
     return cleaned
 
 
-def count_handled_problems(cleaned: Dataset, columns: list[str], config: TrainConfig, split: str,
+def count_handled_problems(cleaned: Dataset, columns: list[str], config: TrainConfig, text_column: str, split: str,
                            report: DataReport) -> None:
     """Duplicate ids, ignored columns and absent classes: kept, counted and reported, not errors."""
     if "id" in cleaned.column_names:
         ids = column_values(cleaned, "id")
         report.duplicate_ids[split] = len(ids) - len(set(ids))
-    used = {config.text_column, config.label_column, config.id_column}
+    used = {text_column, config.label_column, config.id_column}
     report.ignored_columns[split] = [c for c in columns if c not in used]
     present = set(column_values(cleaned, "labels"))
     report.missing_classes[split] = [name for i, name in enumerate(config.labels) if i not in present]
@@ -438,9 +493,10 @@ def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
     return tokenized.remove_columns("truncated")
 
 
-def texts_dataset(source: str, text_column: str, id_column: str, cache_dir: str | None = None) -> Dataset:
+def texts_dataset(source: str, text_column: str | None, id_column: str, cache_dir: str | None = None) -> Dataset:
     """Rows to predict from a TSV/CSV/JSONL file (stdin is streamed by trainer_pkg.predict itself)."""
     table = read_table(source, "predict", cache_dir)
+    text_column = find_text_column(table, source, text_column, {id_column, "label"})
     if text_column not in table.column_names:
         raise UserError(
             f"{source}: no text column {text_column!r} (columns: {', '.join(table.column_names)}); "
@@ -453,42 +509,46 @@ def texts_dataset(source: str, text_column: str, id_column: str, cache_dir: str 
     return table.map(lambda b: {"text": ["" if t is None else str(t) for t in b["text"]]}, batched=True)
 
 
-def load_tokenized(
-    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, splits=("train", "test")
-) -> tuple[dict[str, Dataset], DataReport]:
-    """The tokenized train/validation/test splits (validation carved from train, seeded)."""
+def load_tokenized(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, Dataset], DataReport]:
+    """The tokenized train, validation and (when there is one) test splits.
+
+    The validation split is the validation file when there is one, else carved from train (seeded).
+    """
+    config = resolve_columns_and_labels(config)
     report = DataReport()
     max_length = config.max_length or min(tokenizer.model_max_length, 512)
     sources = source_files(config)
-    tokenized = {}
-    for split in splits:
+    if "train" not in sources:
+        raise missing_split_error(config, "train")
+    result = {}
+    for split in ("train", "validation", "test"):
+        if split not in sources:
+            continue
         table = read_table(sources[split], split, config.cache_dir, report)
         table = check_and_clean(table, sources[split], config, split, report)
         if split == "train":
             require_two_classes(table, sources[split], config)
-        tokenized[split] = tokenize(table, tokenizer, max_length, split, report)
-    result = {}
-    if "train" in tokenized:
-        train = tokenized["train"]
-        if config.validation_size:
-            if config.validation_size >= len(train):
-                raise UserError(
-                    f"{sources['train']}: validation_size {config.validation_size} leaves no training rows "
-                    f"({len(train)} rows); lower --validation_size"
-                )
-            parts = train.train_test_split(test_size=config.validation_size, seed=config.seed, shuffle=True)
-            train, result["validation"] = parts["train"], parts["test"]
-        if config.max_train_samples:
-            train = train.select(range(min(config.max_train_samples, len(train))))
-        result["train"] = train
-    if "test" in tokenized:
-        result["test"] = tokenized["test"]
+        result[split] = tokenize(table, tokenizer, max_length, split, report)
+    train = result["train"]
+    if "validation" not in result and config.validation_size:
+        if config.validation_size >= len(train):
+            raise UserError(
+                f"{sources['train']}: validation_size {config.validation_size} leaves no training rows "
+                f"({len(train)} rows); lower --validation_size, or give --validation_file"
+            )
+        parts = train.train_test_split(test_size=config.validation_size, seed=config.seed, shuffle=True)
+        train, result["validation"] = parts["train"], parts["test"]
+        report.carved_validation = True
+    if config.max_train_samples:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    result["train"] = train
     if config.max_eval_samples:
         for split in ("validation", "test"):
             if split in result:
                 result[split] = result[split].select(range(min(config.max_eval_samples, len(result[split]))))
-    for split in result:
-        report.rows[split] = len(result[split])
+    for split in ("train", "validation", "test"):
+        if split in result:
+            report.rows[split] = len(result[split])
     return result, report
 
 
@@ -539,12 +599,14 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     """Batches holding at most `max_tokens` padded tokens each: many short texts or a few long ones.
 
     length_grouped_batches, with a batch growing while (rows + 1) x its padded length fits the
-    budget. Lengths are counted padded to a multiple of 8, as the collator pads them.
+    budget. Lengths are counted padded as the collator pads them (to a multiple of `pad_to_multiple_of`).
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int, seed: int, group_rows: int = 8192):
+    def __init__(self, lengths: list[int], max_tokens: int, seed: int, group_rows: int = 8192,
+                 pad_to_multiple_of: int = 8):
         self.lengths = lengths
         self.max_tokens = max_tokens
+        self.multiple = pad_to_multiple_of
         self.seed = seed
         self.group_rows = group_rows
         self.set_epoch(0)
@@ -558,7 +620,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         batch: list[int] = []
         for index in chunk:
             # Longest first, so the first row of a batch fixes its padded length.
-            width = -(-self.lengths[batch[0] if batch else index] // 8) * 8
+            width = -(-self.lengths[batch[0] if batch else index] // self.multiple) * self.multiple
             if batch and (len(batch) + 1) * width > self.max_tokens:
                 batches.append(batch)
                 batch = []
@@ -581,7 +643,7 @@ class PackedTokens(torch.utils.data.Dataset):
     skip_first_batches work unchanged); `collate` builds the padded tensors in one pass.
     """
 
-    def __init__(self, dataset: Dataset, pad_token_id: int, with_row: bool = False):
+    def __init__(self, dataset: Dataset, pad_token_id: int, with_row: bool = False, pad_to_multiple_of: int = 8):
         table = dataset.with_format("arrow")[:]  # rows in order, after any select/split
         ids = table.column("input_ids").combine_chunks()
         offsets = ids.offsets.to_numpy()
@@ -591,6 +653,7 @@ class PackedTokens(torch.utils.data.Dataset):
         self.labels = table.column("labels").to_numpy() if "labels" in table.column_names else None
         self.pad_token_id = pad_token_id
         self.with_row = with_row
+        self.multiple = pad_to_multiple_of
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -601,8 +664,7 @@ class PackedTokens(torch.utils.data.Dataset):
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[rows]
-        # Multiples of 8 keep tensor-core shapes on GPU and bound the number of distinct shapes.
-        width = int(-(-lengths.max() // 8) * 8)
+        width = int(-(-lengths.max() // self.multiple) * self.multiple)
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         for position, (start, length) in enumerate(zip(self.starts[rows], lengths)):
             input_ids[position, :length] = self.token_ids[start:start + length]
@@ -615,16 +677,22 @@ class PackedTokens(torch.utils.data.Dataset):
         return batch
 
 
+def pad_multiple() -> int:
+    """Multiples of 8 keep tensor-core shapes on a GPU (and bound the number of distinct shapes); on the
+    CPU every padded position is wasted arithmetic: benchmarks/padding.py measured both (docs/performance.md)."""
+    return 8 if torch.cuda.is_available() else 1
+
+
 def train_dataloader(dataset: Dataset, tokenizer, config: TrainConfig) -> DataLoader:
-    packed = PackedTokens(dataset, tokenizer.pad_token_id)
+    packed = PackedTokens(dataset, tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple())
     lengths = packed.lengths.tolist()
     # A private generator: creating an iterator draws a seed from it, and drawing from the global
     # RNG instead would shift every later dropout mask after a resume.
     loading = dict(collate_fn=packed.collate, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
                    generator=torch.Generator().manual_seed(config.seed))
     if config.max_tokens_per_batch:
-        return DataLoader(packed, batch_sampler=TokenBudgetBatchSampler(lengths, config.max_tokens_per_batch,
-                                                                        config.seed), **loading)
+        return DataLoader(packed, batch_sampler=TokenBudgetBatchSampler(lengths, config.max_tokens_per_batch, config.seed,
+                                                                        pad_to_multiple_of=pad_multiple()), **loading)
     if config.group_by_length:
         sampler = LengthGroupedSampler(lengths, config.per_device_batch_size, config.seed)
     else:
@@ -641,13 +709,10 @@ def eval_dataloader(dataset: Dataset, tokenizer, batch_size: int, num_workers: i
     Each batch carries `row`, the example's position in `dataset`, so gathered predictions can
     be put back in input order.
     """
-    packed = PackedTokens(dataset, tokenizer.pad_token_id, with_row=True)
+    packed = PackedTokens(dataset, tokenizer.pad_token_id, with_row=True, pad_to_multiple_of=pad_multiple())
     order = np.argsort(packed.lengths, kind="stable").tolist()
     return DataLoader(
         packed, batch_size=batch_size, sampler=order, collate_fn=packed.collate,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
     )
 
-
-def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
-    return math.ceil(num_batches / grad_accum)

@@ -3,7 +3,8 @@
     python -m trainer_pkg.evaluate CHECKPOINT_OR_EXPORT [--data DIR | --test_file FILE] [--output FILE.json]
     accelerate launch -m trainer_pkg.evaluate ...     # sharded over processes, gathered exactly
 
-Without --data/--test_file the test data of the run that produced the model is used. The JSON
+Without --data/--test_file the test data of the run that produced the model is used (its validation
+data when it had no test split). The JSON
 holds the metrics and the report (per-class scores, accuracy by length, calibration, the most
 confidently wrong examples); confusion_matrix.png, reliability.png and training_curves.png are
 written beside it.
@@ -29,9 +30,9 @@ from trainer_pkg.data import (
     column_values,
     eval_dataloader,
     read_table,
-    source_files,
     tokenize,
 )
+from trainer_pkg.data_sources import missing_split_error, source_files
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import metrics_from_outputs, predict_logits
@@ -39,7 +40,6 @@ from trainer_pkg.model import label_names, load_classifier
 from trainer_pkg.report import build_report, show_report, write_figures
 
 SAVED_CONFIGS = ("run_config.yaml", "training_config.yaml")
-TEST_REPORT_FILE = "test_report.json"
 
 
 def saved_run_config(model_dir: Path) -> TrainConfig:
@@ -58,11 +58,24 @@ def run_log(model_dir: Path) -> Path | None:
     return None
 
 
-def test_table(config: TrainConfig, report: DataReport, label_hint: str | None = None) -> Dataset:
-    """The checked test rows (texts, label ids, ids), in file order, as training and evaluation score them."""
-    source = source_files(config)["test"]
-    table = check_and_clean(read_table(source, "test", config.cache_dir, report), source, config, "test", report,
-                            label_hint=label_hint)
+def scored_split(config: TrainConfig) -> str:
+    """The split a finished run is scored on: its test split, or its validation split when it has none."""
+    return "test" if "test" in source_files(config) else "validation"
+
+
+def scored_table(config: TrainConfig, report: DataReport, label_hint: str | None = None) -> Dataset:
+    """The checked rows of scored_split (texts, label ids, ids), in order, as training and evaluation score them."""
+    sources = source_files(config)
+    split = scored_split(config)
+    hint = {} if label_hint is None else {"label_hint": label_hint}
+    if split in sources:
+        table = check_and_clean(read_table(sources[split], split, config.cache_dir, report), sources[split], config,
+                                split, report, **hint)
+    else:
+        # Carved from train exactly as load_tokenized carves it: the same rows for the same seed and size.
+        train = check_and_clean(read_table(sources["train"], "train", config.cache_dir, DataReport()), sources["train"],
+                                config, "train", DataReport(), **hint)
+        table = train.train_test_split(test_size=config.validation_size, seed=config.seed, shuffle=True)["test"]
     if config.max_eval_samples:
         table = table.select(range(min(config.max_eval_samples, len(table))))
     return table
@@ -83,7 +96,7 @@ def evaluate_and_report(accelerator: Accelerator, model, loader, dataset: Datase
     if not accelerator.is_main_process:
         return metrics, None
     if texts is None:
-        texts = column_values(test_table(config, DataReport()), "text")
+        texts = column_values(scored_table(config, DataReport()), "text")
     probabilities = torch.softmax(torch.from_numpy(outputs["logits"]).double(), dim=-1).numpy()
     ids = column_values(dataset, "id") if "id" in dataset.column_names else None
     sections = build_report(probabilities, outputs["labels"], config.labels, np.asarray(column_values(dataset, "length")),
@@ -124,10 +137,15 @@ def main(argv: list[str]) -> int:
     labels = label_names(model)
     run_config = saved_run_config(model_dir)
     overrides = {k: getattr(args, k) for k in ("data", "test_file", "text_column", "label_column") if getattr(args, k)}
-    if args.data and not args.test_file:
-        overrides["test_file"] = None
+    if args.data:
+        # Another data directory: none of the run's own files.
+        overrides.update(train_file=None, validation_file=None, test_file=args.test_file)
     config = dataclasses.replace(run_config, **overrides, labels=labels, max_eval_samples=args.max_eval_samples)
-    source = source_files(config)["test"]
+    sources = source_files(config)
+    split = scored_split(config)
+    if split not in sources and "train" not in sources:
+        raise missing_split_error(config, "test")
+    source = sources.get(split, f"{sources.get('train')} (validation rows carved from it)")
 
     accelerator = make_accelerator(args.mixed_precision)
     console = RunConsole(enabled=accelerator.is_main_process)
@@ -135,10 +153,10 @@ def main(argv: list[str]) -> int:
     with accelerator.main_process_first():
         # The labels are the model's: a file with others needs another model, not other flags.
         label_hint = f"the model in {model_dir} knows only these labels: evaluate it on data with the same label set"
-        table = test_table(config, report, label_hint)
+        table = scored_table(config, report, label_hint)
         max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
-        dataset = tokenize(table, tokenizer, max_length, "test", report)
-    report.rows["test"] = len(dataset)
+        dataset = tokenize(table, tokenizer, max_length, split, report)
+    report.rows[split] = len(dataset)
     for line in report.lines():
         console.print(line)
     loader = eval_dataloader(dataset, tokenizer, args.batch_size)
@@ -146,12 +164,12 @@ def main(argv: list[str]) -> int:
     # rank that finished first (the main process still writes the report then).
     model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = accelerator.prepare(loader)
-    details = dict(labels=labels, model=str(model_dir), data=source,
-                   empty_texts=report.empty_texts.get("test", 0), truncated_texts=report.truncated_texts.get("test", 0))
+    details = dict(labels=labels, model=str(model_dir), data=source, split=split,
+                   empty_texts=report.empty_texts.get(split, 0), truncated_texts=report.truncated_texts.get(split, 0))
     # Input problems handled rather than refused (README "Bad input"): counted in the JSON too.
-    details.update(duplicate_ids=report.duplicate_ids.get("test", 0), blank_lines=report.blank_lines.get("test", 0),
-                   ignored_columns=report.ignored_columns.get("test", []),
-                   missing_classes=report.missing_classes.get("test", []))
+    details.update(duplicate_ids=report.duplicate_ids.get(split, 0), blank_lines=report.blank_lines.get(split, 0),
+                   ignored_columns=report.ignored_columns.get(split, []),
+                   missing_classes=report.missing_classes.get(split, []))
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
     _, written = evaluate_and_report(accelerator, model, loader, dataset, config, console, output, run_log(model_dir),
                                      f"{model_dir} on {source}", texts=column_values(table, "text"), details=details,

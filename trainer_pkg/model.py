@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_linear_schedule_with_warmup,
 )
+from transformers.utils import logging as transformers_logging
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
@@ -74,7 +75,20 @@ def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfi
     return model_config
 
 
-def build_model(config: TrainConfig, labels: list[str], warn: Callable[[str], None] = print) -> PreTrainedModel:
+def shorten(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def loading_summary(name: str, info: dict) -> str:
+    """One line for what transformers reports as a table per checkpoint: which weights are new, which unused."""
+    new = sorted(info.get("missing_keys", [])) + sorted(key for key, *_ in info.get("mismatched_keys", []))
+    unused = sorted(info.get("unexpected_keys", []))
+    line = f"pretrained weights from {name}; newly initialised: {shorten(new) if new else 'none'}"
+    return line + (f"; unused from the checkpoint: {shorten(unused)}" if unused else "")
+
+
+def build_model(config: TrainConfig, labels: list[str], say: Callable[[str], None] = print) -> PreTrainedModel:
     """The classifier: pretrained weights with a new head, or random init with --from_scratch."""
     model_config = load_model_config(config, labels)
     if config.from_scratch:
@@ -83,7 +97,7 @@ def build_model(config: TrainConfig, labels: list[str], warn: Callable[[str], No
         except ValueError as error:
             raise UserError(f"--model_overrides: invalid model configuration: {error}") from None
         if config.scratch_init == "local" and not init_local_attention(model, config.seed):
-            warn(f"--scratch_init local: {type(model).__name__} is not a BERT-style encoder; "
+            say(f"[yellow]--scratch_init local: {type(model).__name__} is not a BERT-style encoder; "
                  "it keeps its own random initialisation")
         return model
     local = Path(config.model)
@@ -92,12 +106,22 @@ def build_model(config: TrainConfig, labels: list[str], warn: Callable[[str], No
             f"--model {config.model}: no weights there (model.safetensors or pytorch_model.bin); "
             "pass --from_scratch to train from a random initialisation of its config"
         )
+    # transformers' own report is a table and a warning per load: one line of ours says the same.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            config.model, config=model_config, attn_implementation="sdpa", ignore_mismatched_sizes=False
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            config.model, config=model_config, attn_implementation="sdpa", ignore_mismatched_sizes=False,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise _load_error("model weights", config.model, error, "--model") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
+    say(loading_summary(config.model, info))
+    return model
 
 
 # The BERT-family encoders whose modeling code the two host-time shortcuts are checked against
@@ -125,7 +149,7 @@ def model_inputs(batch: dict[str, torch.Tensor], prepared_mask: bool) -> dict[st
     from it, laid out the same (contiguous), so attention runs the same kernels. Given the 2D mask,
     transformers first asks `padding_mask.all()` in a Python `if` (to drop a mask without padding):
     a host sync on every forward, which stops the CPU from queueing the next step's kernels while
-    the GPU works. Batches are padded to multiples of 8, so a batch without padding is rare and the
+    the GPU works. On a GPU batches are padded to multiples of 8, so a batch without padding is rare and the
     mask is kept for it too.
     """
     if not prepared_mask:
@@ -153,9 +177,8 @@ def build_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.
                              foreach=None if on_cpu_or_cuda else True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig):
-    warmup = round(total_steps * config.warmup_ratio)
-    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def load_classifier(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -35,10 +35,10 @@ from trainer_pkg.checkpoint import (
 )
 from trainer_pkg.config import TrainConfig, config_from_file, load_config
 from trainer_pkg.console import JsonlLog, RunConsole
-from trainer_pkg.data import eval_dataloader, load_tokenized, steps_per_epoch, train_dataloader
-from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
+from trainer_pkg.data import eval_dataloader, load_tokenized, resolve_columns_and_labels, train_dataloader
+from trainer_pkg.distributed import fill_deepspeed_config, launched_processes, make_accelerator
 from trainer_pkg.errors import UserError, cli
-from trainer_pkg.evaluate import TEST_REPORT_FILE, evaluate_and_report
+from trainer_pkg.evaluate import evaluate_and_report
 from trainer_pkg.inference import evaluate_dataloader
 from trainer_pkg.model import (
     accepts_prepared_mask,
@@ -49,16 +49,13 @@ from trainer_pkg.model import (
     model_inputs,
 )
 from trainer_pkg.numerics import NonFiniteWatch, gradient_norm, weights_are_finite
+from trainer_pkg.plan import TrainingPlan, batch_is_default, make_plan, resolve_batch
 from trainer_pkg.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from trainer_pkg.tracking import TENSORBOARD_DIR, TrackerLog, resolve_trackers, start_tracking
 from trainer_pkg.weight_copies import low_precision_weights
 
 # Keys that must match to continue a run in the same output directory.
 RUN_IDENTITY = ("model", "from_scratch", "model_overrides", "labels", "text_column", "label_column")
-
-
-# Fewer optimizer steps per epoch than this at the default batch earns a warning.
-FEW_STEPS_PER_EPOCH = 100
 
 LOCK_FILE = ".trainer_pkg.lock"
 # Open for the life of the process: the kernel drops the lock when the process ends, even by SIGKILL.
@@ -232,13 +229,59 @@ def diverged_error(config: TrainConfig, step: int | None, output_dir: Path) -> U
     )
 
 
+def this_hardware() -> tuple[str, int]:
+    """The device type and process count of this launch, known before the process group exists."""
+    return ("cuda" if torch.cuda.is_available() else "cpu"), launched_processes()
+
+
+def show_plan(console: RunConsole, plan: TrainingPlan) -> None:
+    console.print(
+        f"plan: {plan.num_train_rows:,} training rows, global batch {plan.global_batch_size} = "
+        f"{plan.per_device_batch_size} per device x {plan.num_processes} process(es) on {plan.device} x "
+        f"{plan.grad_accum} accumulated; lr {plan.lr:.3g}, {plan.warmup_steps:,} warmup steps; {plan.epochs} epoch(s) "
+        f"of {plan.steps_per_epoch:,} steps, {plan.total_steps:,} in all"
+        + (f"; early stopping after {plan.early_stopping_patience} validations without a better score"
+           if plan.early_stopping_patience else "")
+    )
+    for note in plan.notes:
+        console.print(f"[yellow]{note}")
+
+
+def dry_run(config: TrainConfig) -> dict:
+    """The plan of a run, printed (a table, then one JSON line), without training or a process group."""
+    device, processes = this_hardware()
+    device, processes = config.assume_device or device, config.assume_processes or processes
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    default_batch = batch_is_default(config)
+    config = resolve_batch(resolve_columns_and_labels(config), device, processes)
+    console = RunConsole(enabled=True)
+    tokenizer = load_tokenizer(config.tokenizer_name)
+    splits, report = load_tokenized(config, tokenizer)
+    for line in report.lines():
+        console.print(line)
+    loader = train_dataloader(splits["train"], tokenizer, config)
+    plan = make_plan(config, device, processes, len(splits["train"]), len(loader), default_batch)
+    console.metrics_table("plan (dry run: nothing trained)", {k: v for k, v in plan.to_dict().items() if k != "notes"})
+    for note in plan.notes:
+        console.print(f"[yellow]{note}")
+    print(json.dumps(plan.to_dict()), flush=True)
+    return {"dry_run": plan.to_dict()}
+
+
 def run(config: TrainConfig) -> dict:
+    if config.dry_run:
+        return dry_run(config)
+    device, processes = this_hardware()
+    default_batch = batch_is_default(config)
+    config = resolve_batch(config, device, processes)
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout,
                                    resolve_trackers(config.report_to), str(Path(config.output_dir) / TENSORBOARD_DIR))
     fill_deepspeed_config(accelerator, config.max_grad_norm)
-    # With a token budget the row batch is not used, and there is no default batch to warn about.
-    batch_is_default = config.per_device_batch_size is None and not config.max_tokens_per_batch
-    config = config.for_device(accelerator.device.type, accelerator.num_processes)
+    # The text column and the class names come from the data when not given: the model's head and
+    # the saved run config need them.
+    with accelerator.main_process_first():
+        config = resolve_columns_and_labels(config)
     if config.nan_policy == "skip" and accelerator.state.deepspeed_plugin is not None:
         raise UserError("--nan_policy skip: DeepSpeed steps its optimizer itself and cannot skip a step; "
                         "use --nan_policy stop")
@@ -258,16 +301,16 @@ def run(config: TrainConfig) -> dict:
 
     # --- tokenizer and model (before the data: a bad model path should not wait for tokenizing)
     tokenizer = load_tokenizer(config.tokenizer_name)
-    model = build_model(config, config.labels, warn=lambda message: console.print(f"[yellow]{message}")).to(accelerator.device)
+    model = build_model(config, config.labels, console.print).to(accelerator.device)
     prepared_mask = accepts_prepared_mask(model)
     if config.compile:
         # In place (Module.compile): parameter names, checkpoints and the export stay those of the
-        # plain model. Batch lengths vary (multiples of 8): dynamic shapes compile once, not per length.
+        # plain model. Batch lengths vary: dynamic shapes compile once, not per length.
         model.compile(dynamic=True)
 
     # --- data --------------------------------------------------------------------------------
     with accelerator.main_process_first():
-        splits, report = load_tokenized(config, tokenizer, splits=("train", "test"))
+        splits, report = load_tokenized(config, tokenizer)
     for line in report.lines():
         console.print(line)
     log.write("data", **report.counts())
@@ -275,31 +318,25 @@ def run(config: TrainConfig) -> dict:
     # --- optimizer, schedule, placement -------------------------------------------------------
     optimizer = build_optimizer(model, config)
     train_loader = train_dataloader(splits["train"], tokenizer, config)
+    plan = make_plan(config, device, accelerator.num_processes, len(splits["train"]), len(train_loader), default_batch)
+    show_plan(console, plan)
+    log.write("plan", **plan.to_dict())
     valid_loader = eval_dataloader(splits["validation"], tokenizer, config.eval_batch_size, config.num_workers) \
         if "validation" in splits else None
-    test_loader = eval_dataloader(splits["test"], tokenizer, config.eval_batch_size, config.num_workers)
+    # Without a test split the best model is scored on the validation split, which chose it.
+    scored = "test" if "test" in splits else "validation"
+    test_loader = eval_dataloader(splits[scored], tokenizer, config.eval_batch_size, config.num_workers)
     model, optimizer, train_loader, valid_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, valid_loader, test_loader
     )
     # The scheduler is counted in optimizer steps of this process and stepped by hand: a
     # prepared scheduler would step once per process on every optimizer step.
-    per_epoch = steps_per_epoch(len(train_loader), config.grad_accum)
-    total_steps = per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    scheduler = build_scheduler(optimizer, total_steps, config)
+    total_steps = plan.total_steps
+    scheduler = build_scheduler(optimizer, total_steps, plan.warmup_steps)
     if config.max_tokens_per_batch:
         global_batch = f"up to {config.max_tokens_per_batch * accelerator.num_processes * config.grad_accum:,} tokens"
     else:
-        global_batch = f"{config.per_device_batch_size * accelerator.num_processes * config.grad_accum}"
-    console.print(f"{total_steps:,} optimizer steps, global batch {global_batch}, {per_epoch:,} steps per epoch")
-    if batch_is_default and per_epoch < FEW_STEPS_PER_EPOCH:
-        # The default batch is sized for the hardware, not for the corpus (README, "Batch size and
-        # learning rate on a GPU"): on the proxy, 20k rows at batch 512 (40 steps) scored below the
-        # origin recipe's batch 8.
-        console.print(f"[yellow]only {per_epoch} optimizer steps per epoch at the default batch "
-                      f"({config.per_device_batch_size} per device): a corpus this small learns more per epoch "
-                      "with a smaller --per_device_batch_size")
+        global_batch = f"{plan.global_batch_size}"
 
     state = TrainingState(num_processes=accelerator.num_processes)
     if resume_from is not None:
@@ -345,9 +382,17 @@ def run(config: TrainConfig) -> dict:
         if is_best:
             state.best_metric, state.best_validation = score, metrics
             state.best_checkpoint = f"step-{state.optimizer_steps:08d}"
+            state.validations_since_best = 0
+        else:
+            state.validations_since_best += 1
+        patience = config.early_stopping_patience
+        state.stopped_early = bool(patience) and state.validations_since_best >= patience
         console.metrics_table(f"validation @ step {state.optimizer_steps}" + (" (best)" if is_best else ""), metrics)
         log.write("validation", **metrics, best=is_best)
         save_checkpoint(accelerator, state, scheduler, config, model, tokenizer)
+        if state.stopped_early:
+            console.print(f"early stopping at step {state.optimizer_steps}: {patience} validations without a better "
+                          f"{config.metric_for_best} than {state.best_metric:.4f} ({state.best_checkpoint})")
 
     # --- train -------------------------------------------------------------------------------
     model.train()
@@ -364,7 +409,7 @@ def run(config: TrainConfig) -> dict:
     console.start_progress("train", total=total_steps, completed=state.optimizer_steps)
     skip = state.batches_in_epoch
     for epoch in range(state.epoch, config.epochs):
-        if state.optimizer_steps >= total_steps:
+        if state.optimizer_steps >= total_steps or state.stopped_early:
             break
         train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -452,6 +497,8 @@ def run(config: TrainConfig) -> dict:
                 return {"preempted": True, "step": state.optimizer_steps}
             if valid_loader is not None and config.eval_every and state.optimizer_steps % config.eval_every == 0:
                 validate_and_checkpoint()
+                if state.stopped_early:
+                    break
             elif config.save_every and state.optimizer_steps % config.save_every == 0:
                 checkpoint()
         else:
@@ -470,10 +517,12 @@ def run(config: TrainConfig) -> dict:
     # --- final evaluation, export of the best model, test score ------------------------------
     if state.optimizer_steps >= total_steps and state.batches_in_epoch == len(train_loader):
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-    if valid_loader is not None:
-        validate_and_checkpoint()
-    else:
-        checkpoint()
+    # A run that stopped early was validated and saved at this very step.
+    if not state.stopped_early:
+        if valid_loader is not None:
+            validate_and_checkpoint()
+        else:
+            checkpoint()
     if state.skipped_non_finite or state.skipped_overflow:
         console.print(f"[yellow]skipped optimizer steps: {state.skipped_non_finite} with a non-finite gradient "
                       f"(--nan_policy skip), {state.skipped_overflow} fp16 overflows (the loss scaler lowered its scale)")
@@ -481,22 +530,29 @@ def run(config: TrainConfig) -> dict:
     if best != f"step-{state.optimizer_steps:08d}":
         console.print(f"loading the best checkpoint ({best}) for export")
         load_checkpoint_state(accelerator, checkpoints_dir(output_dir) / best)
+    if scored != "test":
+        console.print("[yellow]no test split: the report is on the validation split, which also chose the checkpoint "
+                      "(give --test_file for an unbiased score)")
     test_started = time.time()
-    test_metrics, _ = evaluate_and_report(accelerator, model, test_loader, splits["test"], config, console,
-                                          output_dir / TEST_REPORT_FILE, output_dir / "log.jsonl", "test (best model)",
-                                          progress="test")
+    test_metrics, _ = evaluate_and_report(accelerator, model, test_loader, splits[scored], config, console,
+                                          output_dir / f"{scored}_report.json", output_dir / "log.jsonl",
+                                          f"{scored} (best model)", progress=scored)
     test_seconds = time.time() - test_started
     summary = {
         "best_checkpoint": best,
         "validation": state.best_validation,
-        "test": test_metrics,
+        "test": test_metrics if scored == "test" else None,
         "optimizer_steps": state.optimizer_steps,
+        "stopped_early": state.stopped_early,
         "skipped_steps": {"non_finite": state.skipped_non_finite, "fp16_overflow": state.skipped_overflow},
         "data": report.counts(),
+        "plan": plan.to_dict(),
     }
     export_model(accelerator, model, tokenizer, config, output_dir / "model", summary)
     # The step of the weights scored: the best checkpoint's, not the last step's.
-    log.write("test", step=state.best_validation.get("step", state.optimizer_steps), **test_metrics, seconds=test_seconds)
+    if scored == "test":
+        log.write("test", step=state.best_validation.get("step", state.optimizer_steps), **test_metrics,
+                  seconds=test_seconds)
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         console.print(f"exported {output_dir / 'model'}")

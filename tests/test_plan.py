@@ -1,0 +1,98 @@
+"""The training plan: the global batch is the recipe's on any number of processes; the hardware
+only splits it. Explicit flags win; contradictory ones are refused in one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainer_pkg.config import (
+    DEFAULT_EPOCHS_FROM_SCRATCH,
+    DEFAULT_EPOCHS_PRETRAINED,
+    DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
+    DEFAULT_GLOBAL_BATCH_PRETRAINED,
+    DEFAULT_LR_FROM_SCRATCH,
+    DEFAULT_LR_PRETRAINED,
+    config_from_file,
+    load_config,
+)
+from trainer_pkg.errors import UserError
+from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, resolve_batch
+
+
+def global_batch(config, processes: int) -> int:
+    return config.per_device_batch_size * processes * config.grad_accum
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_default_global_batch_and_lr_do_not_depend_on_the_launch(from_scratch, device):
+    args = ["--from_scratch"] if from_scratch else []
+    expected_batch = DEFAULT_GLOBAL_BATCH_FROM_SCRATCH if from_scratch else DEFAULT_GLOBAL_BATCH_PRETRAINED
+    expected_lr = DEFAULT_LR_FROM_SCRATCH if from_scratch else DEFAULT_LR_PRETRAINED
+    for processes in (1, 2, 4, 8, 16, 32):
+        resolved = resolve_batch(load_config(args), device, processes)
+        assert global_batch(resolved, processes) == expected_batch, processes
+        assert resolved.lr == pytest.approx(expected_lr)
+        assert resolved.epochs == (DEFAULT_EPOCHS_FROM_SCRATCH if from_scratch else DEFAULT_EPOCHS_PRETRAINED)
+    # More processes than rows in the recipe's batch: one row each, the lr scaled to that batch, and the plan says so.
+    crowded = resolve_batch(load_config(args), device, 2 * expected_batch)
+    assert (crowded.per_device_batch_size, crowded.grad_accum) == (1, 1)
+    assert crowded.lr == pytest.approx(expected_lr * math.sqrt(2))
+    plan = make_plan(crowded, device, 2 * expected_batch, num_train_rows=10_000, num_batches=10_000)
+    assert any(f"more processes ({2 * expected_batch}) than rows" in note for note in plan.notes)
+
+
+def test_a_global_batch_larger_than_a_device_pass_is_accumulated():
+    resolved = resolve_batch(load_config(["--global_batch_size", "256"]), "cpu", 1)
+    assert (resolved.per_device_batch_size, resolved.grad_accum) == (MICRO_BATCH_LIMIT["cpu"], 256 // MICRO_BATCH_LIMIT["cpu"])
+    on_gpus = resolve_batch(load_config(["--global_batch_size", "4096"]), "cuda", 2)
+    assert (on_gpus.per_device_batch_size, on_gpus.grad_accum) == (512, 4)
+    # sqrt rule for a global batch other than the recipe's.
+    assert resolved.lr == pytest.approx(DEFAULT_LR_PRETRAINED * math.sqrt(256 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
+
+
+def test_explicit_per_device_batch_keeps_its_classic_meaning_and_explicit_lr_wins(tmp_path):
+    # Global = per device x processes x accumulation: 16 x 2 x 8 = 256.
+    resolved = resolve_batch(load_config(["--per_device_batch_size", "16", "--grad_accum", "8"]), "cpu", 2)
+    assert global_batch(resolved, 2) == 256
+    assert resolved.lr == pytest.approx(DEFAULT_LR_PRETRAINED * math.sqrt(256 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
+    assert resolve_batch(load_config(["--lr", "3e-4", "--per_device_batch_size", "512"]), "cpu", 1).lr == 3e-4
+    # A token budget has no fixed batch to scale the lr by.
+    assert resolve_batch(load_config(["--max_tokens_per_batch", "4096"]), "cuda", 1).effective_lr == DEFAULT_LR_PRETRAINED
+    # Per device and global together: the accumulation that makes them agree.
+    both = resolve_batch(load_config(["--per_device_batch_size", "8", "--global_batch_size", "64"]), "cpu", 2)
+    assert both.grad_accum == 4
+    # What a run saves is resolved: a resume on other hardware keeps the batch it started with.
+    resolved.save(tmp_path / "config.yaml")
+    again = resolve_batch(config_from_file(tmp_path / "config.yaml"), "cuda", 2)
+    assert (again.per_device_batch_size, again.grad_accum, again.lr) == (16, 8, pytest.approx(resolved.lr))
+
+
+def test_contradictory_batch_flags_are_refused_in_one_line():
+    contradiction = r"--global_batch_size 100 is not --per_device_batch_size 8 x 2 processes x --grad_accum 4"
+    with pytest.raises(UserError, match=contradiction):
+        resolve_batch(load_config(["--per_device_batch_size", "8", "--grad_accum", "4", "--global_batch_size", "100"]),
+                      "cpu", 2)
+    with pytest.raises(UserError, match=r"--global_batch_size 100 cannot be split into --per_device_batch_size 8"):
+        resolve_batch(load_config(["--per_device_batch_size", "8", "--global_batch_size", "100"]), "cpu", 2)
+    with pytest.raises(UserError, match="need dry_run"):
+        load_config(["--assume_processes", "8"])
+    with pytest.raises(UserError, match="assume_device must be cpu or cuda"):
+        load_config(["--dry_run", "--assume_device", "tpu"])
+
+
+def test_the_plan_counts_steps_as_accelerate_shards_batches_and_says_when_gpus_starve():
+    resolved = resolve_batch(load_config([]), "cuda", 8)
+    # 1,000 rows in batches of 4 per GPU: 250 batches, 32 rounds of 8 GPUs (the last one completed).
+    plan = make_plan(resolved, "cuda", 8, num_train_rows=1000, num_batches=250)
+    assert plan.per_device_batch_size == DEFAULT_GLOBAL_BATCH_PRETRAINED // 8
+    assert plan.steps_per_epoch == math.ceil(250 / 8)
+    assert plan.total_steps == plan.steps_per_epoch * DEFAULT_EPOCHS_PRETRAINED
+    assert plan.warmup_steps == round(plan.total_steps * 0.06)
+    assert any("rows per GPU" in note for note in plan.notes)
+    assert not any("rows per GPU" in note for note in make_plan(resolve_batch(load_config([]), "cpu", 1), "cpu", 1,
+                                                                 1000, 32).notes)
+    capped = make_plan(resolve_batch(load_config(["--max_steps", "5"]), "cpu", 1), "cpu", 1, 1000, 32)
+    assert capped.total_steps == 5

@@ -1,0 +1,151 @@
+"""The training plan: global batch, per-device micro-batch, accumulation, learning rate, epochs, steps.
+
+The global batch a run learns with is the recipe's (pretrained or from scratch), never a product
+of how many processes happen to be launched: one CPU, two, or 64 GPUs take the same optimizer
+steps at the same learning rate. The hardware only decides how the global batch is split: rows
+per device per forward pass, and gradient accumulation where a device cannot take its share in one
+pass. Explicit flags always win. The measurements behind each default are in docs/pretrained.md
+and README "Defaults".
+
+`--dry_run` prints this plan (for the launch at hand, or one given by --assume_processes and
+--assume_device) and exits without training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from trainer_pkg.config import (
+    DEFAULT_EPOCHS_FROM_SCRATCH,
+    DEFAULT_EPOCHS_PRETRAINED,
+    DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
+    DEFAULT_GLOBAL_BATCH_PRETRAINED,
+    TrainConfig,
+)
+from trainer_pkg.errors import UserError
+
+# The most rows one forward pass takes on each device before accumulation splits the batch. On the
+# CPU the arithmetic of a batch dominates and memory is the only limit; on the H100 a BERT-base
+# step costs about the same at 64 rows as at 512 (host-bound; docs/performance.md).
+MICRO_BATCH_LIMIT = {"cpu": 64, "cuda": 512}
+# Fewer rows than this per GPU per forward pass leave the GPU waiting on the host.
+GPU_STARVED_ROWS = 64
+# Fewer optimizer steps per epoch than this at the default batch earn a note.
+FEW_STEPS_PER_EPOCH = 100
+
+
+@dataclass
+class TrainingPlan:
+    """Everything a run will do, resolved before the first step (and printed by --dry_run)."""
+
+    num_processes: int
+    device: str
+    num_train_rows: int
+    global_batch_size: int
+    per_device_batch_size: int
+    grad_accum: int
+    lr: float
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    early_stopping_patience: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_global_batch(config: TrainConfig) -> int:
+    return DEFAULT_GLOBAL_BATCH_FROM_SCRATCH if config.from_scratch else DEFAULT_GLOBAL_BATCH_PRETRAINED
+
+
+def resolve_batch(config: TrainConfig, device: str, num_processes: int) -> TrainConfig:
+    """The config with the per-device batch, accumulation, learning rate and epochs filled in.
+
+    - Nothing given: the recipe's global batch, split over the processes, accumulated where one
+      pass per device would exceed MICRO_BATCH_LIMIT.
+    - --global_batch_size: the same split of that batch.
+    - --per_device_batch_size (and/or --grad_accum): global = per-device x processes x accumulation,
+      the classic meaning; with --global_batch_size too, they must multiply to it.
+    The default lr is the recipe's at its default global batch, scaled by sqrt(global / default)
+    for other global batches (the square-root rule for Adam); an explicit --lr is used as given.
+    """
+    limit = MICRO_BATCH_LIMIT.get(device, MICRO_BATCH_LIMIT["cpu"])
+    per_device, accum, wanted = config.per_device_batch_size, config.grad_accum, config.global_batch_size
+    if per_device is not None and accum is not None:
+        if wanted is not None and per_device * num_processes * accum != wanted:
+            raise UserError(f"--global_batch_size {wanted} is not --per_device_batch_size {per_device} x {num_processes} "
+                            f"processes x --grad_accum {accum} (= {per_device * num_processes * accum}); give two of them")
+    elif per_device is not None:
+        accum = 1 if wanted is None else max(1, round(wanted / (per_device * num_processes)))
+        if wanted is not None and per_device * num_processes * accum != wanted:
+            raise UserError(f"--global_batch_size {wanted} cannot be split into --per_device_batch_size {per_device} x "
+                            f"{num_processes} processes x a whole accumulation; choose sizes that divide")
+    else:
+        wanted = wanted if wanted is not None else default_global_batch(config)
+        if accum is None:
+            accum = max(1, math.ceil(wanted / (num_processes * limit)))
+        per_device = max(1, math.ceil(wanted / (num_processes * accum)))
+    global_batch = per_device * num_processes * accum
+    lr = config.lr
+    if lr is None and not config.max_tokens_per_batch:
+        lr = config.effective_lr * math.sqrt(global_batch / default_global_batch(config))
+    epochs = config.epochs
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS_FROM_SCRATCH if config.from_scratch else DEFAULT_EPOCHS_PRETRAINED
+    return dataclasses.replace(config, per_device_batch_size=per_device, grad_accum=accum, lr=lr, epochs=epochs)
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)
+
+
+def batches_per_process(num_batches: int, num_processes: int) -> int:
+    """Accelerate shards a loader's batches round-robin and completes the last round (even_batches)."""
+    return math.ceil(num_batches / num_processes)
+
+
+def batch_is_default(config: TrainConfig) -> bool:
+    """Whether the global batch is the recipe's (no batch flag given); call before resolve_batch."""
+    return (config.global_batch_size is None and config.per_device_batch_size is None and config.grad_accum is None
+            and not config.max_tokens_per_batch)
+
+
+def make_plan(config: TrainConfig, device: str, num_processes: int, num_train_rows: int, num_batches: int,
+              default_batch: bool = True) -> TrainingPlan:
+    """The plan of a resolved config (resolve_batch) over `num_batches` batches per epoch (all processes).
+
+    `default_batch` (batch_is_default of the config as given) adds the note a small corpus earns."""
+    per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
+    total = per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    global_batch = config.per_device_batch_size * num_processes * config.grad_accum
+    notes = []
+    if config.per_device_batch_size == 1 and global_batch > default_global_batch(config):
+        notes.append(f"more processes ({num_processes}) than rows in the recipe's global batch "
+                     f"({default_global_batch(config)}): one row each makes it {global_batch}, and the lr is scaled to it")
+    if config.max_tokens_per_batch:
+        notes.append(f"batches of up to {config.max_tokens_per_batch:,} padded tokens per device: the global batch "
+                     "varies, and the lr is not scaled to it")
+    if device == "cuda" and config.per_device_batch_size < GPU_STARVED_ROWS and not config.max_tokens_per_batch:
+        notes.append(f"{config.per_device_batch_size} rows per GPU per forward pass leaves the GPUs waiting on the host "
+                     f"(a step costs about the same up to 512 rows): fewer GPUs finish as fast, or a larger "
+                     "--global_batch_size trades some accuracy per epoch for speed")
+    if per_epoch < FEW_STEPS_PER_EPOCH and default_batch:
+        notes.append(f"only {per_epoch} optimizer steps per epoch at the default global batch ({global_batch}): a corpus "
+                     "this small learns more per epoch with a smaller --global_batch_size")
+    return TrainingPlan(
+        num_processes=num_processes, device=device, num_train_rows=num_train_rows, global_batch_size=global_batch,
+        per_device_batch_size=config.per_device_batch_size, grad_accum=config.grad_accum, lr=config.effective_lr,
+        epochs=config.epochs, steps_per_epoch=per_epoch, total_steps=total,
+        warmup_steps=warmup_steps(total, config.warmup_ratio), early_stopping_patience=config.early_stopping_patience,
+        notes=notes,
+    )
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return round(total_steps * warmup_ratio)
