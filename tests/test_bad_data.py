@@ -109,7 +109,7 @@ CASES = [
     Case("empty_file", content=b"", **both(Error(("file is empty",)))),
     Case("header_only", content=tsv([]), **both(Error(("no data rows (only a header line)",)))),
     Case("no_header_line", content=tsv(ROWS).split(b"\n", 1)[1],
-         **both(Error((line(1), "no text column 'document'", "the first line must be a header")))),
+         **both(Error((line(1), "no label column 'label'", "the first line must be a header")))),
     Case("missing_label_column", content=tsv([(i, t) for i, t, _ in ROWS], header="id\tdocument"),
          **both(Error((line(1), "no label column 'label' (columns: id, document)", "--label_column")))),
     Case("extra_column", content=tsv([(*row, "web") for row in ROWS], header=HEADER + "\tsource"),
@@ -164,7 +164,9 @@ CASES = [
 def train_args(model: Path, output_dir: Path, train_file: Path, test_file: Path) -> list:
     return ["--model", model, "--from_scratch", "--train_file", train_file, "--test_file", test_file,
             "--output_dir", output_dir, "--validation_size", "8", "--per_device_batch_size", "16",
-            "--eval_batch_size", "64", "--epochs", "1", "--seed", "3", "--log_every", "1"]
+            "--eval_batch_size", "64", "--epochs", "1", "--seed", "3", "--log_every", "1",
+            # The label set is given: these files are judged against it (tests/test_user_data.py reads it from data).
+            "--labels", "negative,positive"]
 
 
 @pytest.fixture(scope="module")
