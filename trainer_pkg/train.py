@@ -237,8 +237,8 @@ def this_hardware() -> tuple[str, int]:
 def show_plan(console: RunConsole, plan: TrainingPlan) -> None:
     console.print(
         f"plan: {plan.num_train_rows:,} training rows, global batch {plan.global_batch_size} = "
-        f"{plan.per_device_batch_size} per device x {plan.num_processes} process(es) on {plan.device} x "
-        f"{plan.grad_accum} accumulated; lr {plan.lr:.3g}, {plan.warmup_steps:,} warmup steps; {plan.epochs} epoch(s) "
+        f"{plan.per_device_batch_size} rows per pass x {plan.num_processes} x {plan.grad_accum} accumulated "
+        f"({plan.device}); lr {plan.lr:.3g}, {plan.warmup_steps:,} warmup steps; {plan.epochs} epoch(s) "
         f"of {plan.steps_per_epoch:,} steps, {plan.total_steps:,} in all"
         + (f"; early stopping after {plan.early_stopping_patience} validations without a better score"
            if plan.early_stopping_patience else "")
