@@ -24,6 +24,7 @@ from trainer_pkg.data import (
     check_and_clean,
     eval_dataloader,
     load_tokenized,
+    pad_multiple,
     read_table,
     resolve_columns_and_labels,
     source_files,
@@ -641,7 +642,9 @@ def test_eval_dataloader_rows_sorted_by_length(tok):
     # Shortest first: the rows that pad a multi-process run's last round never lengthen a batch.
     assert [lengths[r] for r in rows] == sorted(lengths)
     for batch in batches:
-        assert batch["input_ids"].shape[1] % 8 == 0
+        # Padded to a multiple of 8 on a GPU, to the longest row on the CPU (data.pad_multiple).
+        longest = max(lengths[r] for r in batch["row"].tolist())
+        assert batch["input_ids"].shape[1] == -(-longest // pad_multiple()) * pad_multiple()
         assert set(batch) == {"input_ids", "attention_mask", "labels", "row"}
         for position, row in enumerate(batch["row"].tolist()):
             n = lengths[row]
