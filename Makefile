@@ -1,24 +1,30 @@
 # Two commands do everything on a fresh machine:
-#   make train   create .venv, install trainer_pkg, run the main job
+#   make train   create .venv, install trainer_pkg (runtime only), run the main job, evaluate it
 #   make test    create .venv, install trainer_pkg with test extras, run the test suite
 #
 # The main job is the real one (pretrained mBERT fine-tuned on the full NSMC from the internet)
 # unless ../shared holds the offline copies (NSMC files and the mBERT tokenizer/config, no
 # weights): then it is the offline proxy, a 2-layer mBERT trained from scratch on the full corpus.
-# Override with:  make train TRAIN_ARGS="--config configs/nsmc_mbert.yaml --output_dir runs/x"
+# It says which. Each `make train` writes a new run directory, runs/nsmc-<date>-<time>, unless
+# OUTPUT_DIR names one (a run already there is refused, never replaced).
+# Override with:  make train TRAIN_ARGS="--config configs/nsmc_mbert.yaml" OUTPUT_DIR=runs/x
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SHARED ?= ../shared
-OUTPUT_DIR ?= runs/nsmc
+ifndef OUTPUT_DIR
+OUTPUT_DIR := runs/nsmc-$(shell date +%Y%m%d-%H%M%S)
+endif
 BIN := $(VENV)/bin
 
 ifneq ($(wildcard $(SHARED)/data/nsmc/ratings_train.txt),)
+JOB := the offline proxy ($(SHARED) holds NSMC and the mBERT tokenizer without weights)
 TRAIN_ARGS ?= --config configs/nsmc_proxy_offline.yaml --data $(SHARED)/data/nsmc \
-	--model $(SHARED)/models/bert-base-multilingual-uncased --output_dir $(OUTPUT_DIR) --overwrite_output_dir
+	--model $(SHARED)/models/bert-base-multilingual-uncased
 else
-TRAIN_ARGS ?= --config configs/nsmc_mbert.yaml --output_dir $(OUTPUT_DIR) --overwrite_output_dir
+JOB := the real job (pretrained mBERT, NSMC from the internet)
+TRAIN_ARGS ?= --config configs/nsmc_mbert.yaml
 endif
 
 .PHONY: install train test clean
@@ -29,16 +35,21 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
 train: install
-	$(BIN)/python -m trainer_pkg.train $(TRAIN_ARGS)
+	@echo "make train: $(JOB) -> $(OUTPUT_DIR)"
+	$(BIN)/python -m trainer_pkg.train $(TRAIN_ARGS) --output_dir $(OUTPUT_DIR)
 	$(BIN)/python -m trainer_pkg.evaluate $(OUTPUT_DIR)/model
 
-test: install
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -3,8 +3,8 @@
 #   0. the GPU tests: no host sync per step or evaluation batch (CUDA's sync-debug mode counts
 #      blocking copies too), fp16 loss scaling, the bf16 weight copies under CUDA autocast;
 #      pytest comes from the carried wheels;
-#   1. step_sweep.py: steady-state step time of the training loop at batch 512 and 1024 and at a
-#      token budget, each also with autocast's per-forward weight casts and with the host syncs
+#   1. step_sweep.py: steady-state step time of the training loop at batch 512 and 1024,
+#      each also with autocast's per-forward weight casts and with the host syncs
 #      the loop used to have (side by side), with the GPU's busy fraction and kernels per step,
 #      and the time to score the 50k test split;
 #   2. a full NSMC epoch (145k train rows after the 5k validation split, 50k test rows) with the
@@ -49,7 +49,7 @@ full_epoch() {  # name, timeout, extra flags...
 step gpu_tests 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_host_syncs.py \
     tests/test_numerics.py::test_fp16_overflow_steps_are_counted_and_reported "tests/test_weight_copies.py::test_the_same_numbers_as_autocast_bit_for_bit[cuda-bert]" 
 SHOW_LINES=20 step sweep 180 python3 benchmarks/step_sweep.py --shared "$shared" --cache_dir "$cache" --profile \
-    --with_casts --with_syncs --shapes b512 b1024 t32768 --eval_batches 256 1024
+    --with_casts --with_syncs --shapes b512 b1024 --eval_batches 256 1024
 full_epoch defaults 100
 step bench 140 python3 benchmarks/benchmark.py --shared "$shared" --model_size base --samples "${BENCH_SAMPLES:-10000}" \
     --test_samples 2000 --skip_tuned --quiet --out runs/bench_base

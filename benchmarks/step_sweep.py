@@ -1,14 +1,15 @@
 """Steady-state step time of trainer_pkg's training loop across batch shapes, and evaluation time.
 
-    python benchmarks/step_sweep.py --shared ../shared --shapes b64 b256 b512 t16384 --eval_batches 256 1024
+    python benchmarks/step_sweep.py --shared ../shared --shapes b64 b256 b512 --eval_batches 256 1024
     python benchmarks/step_sweep.py --shared ../shared --model_size proxy      # the CPU proxy
     python benchmarks/step_sweep.py --shared ../shared --profile --with_casts --with_syncs --shapes b512 b1024
     python benchmarks/step_sweep.py --shared ../shared --model_size narrow --mixed_precision bf16 --with_casts
 
-A tuning aid for choosing batch defaults per device, not a test: for each batch shape (`bN`: N rows;
-`tN`: up to N padded tokens) it trains the same model with the same loop body as
-`trainer_pkg.train` (forward, backward, clipping, fused AdamW, no host sync) on the real NSMC
-training rows, skips `--warmup` steps, then times `--steps` steps and prints ms/step, samples/s,
+A tuning aid for choosing batch defaults per device, not a test: for each batch shape (`bN`: N rows
+per step) it trains the same model with the product's own step
+(`trainer_pkg.loop.TrainStep`: forward, backward, clipping, the non-finite watch, fused AdamW and
+the schedule, no host sync) and meter on the real NSMC training rows, skips `--warmup` steps,
+then times `--steps` steps and prints ms/step, samples/s,
 real tokens/s, padding efficiency and, on a GPU, how busy the GPU was (`--profile`: kernel time /
 wall time over 10 steps of the first shape; well under 100% means the host CPU, launching
 kernels, bounds the step). Variants of the loop, each shape side by side in one run:
@@ -41,7 +42,9 @@ from trainer_pkg.config import TrainConfig  # noqa: E402
 from trainer_pkg.data import eval_dataloader, load_tokenized, resolve_columns_and_labels, train_dataloader  # noqa: E402
 from trainer_pkg.distributed import make_accelerator  # noqa: E402
 from trainer_pkg.inference import evaluate_dataloader  # noqa: E402
-from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, load_tokenizer, model_inputs  # noqa: E402
+from trainer_pkg.loop import TrainMeter, TrainStep  # noqa: E402
+from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, load_tokenizer  # noqa: E402
+from trainer_pkg.run_dir import TrainingState  # noqa: E402
 from trainer_pkg.weight_copies import low_precision_weights  # noqa: E402
 
 NARROW = {"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 256}
@@ -57,10 +60,8 @@ def synchronize() -> None:
 def shape_config(config: TrainConfig, shape: str) -> TrainConfig:
     kind, size = shape[0], int(shape[1:])
     if kind == "b":
-        return dataclasses.replace(config, per_device_batch_size=size, max_tokens_per_batch=0)
-    if kind == "t":
-        return dataclasses.replace(config, max_tokens_per_batch=size)
-    raise SystemExit(f"error: shape {shape!r}: use bN (N rows) or tN (up to N padded tokens)")
+        return dataclasses.replace(config, per_device_batch_size=size, grad_accum=1)
+    raise SystemExit(f"error: shape {shape!r}: use bN (N rows per step)")
 
 
 def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: int, steps: int,
@@ -72,24 +73,15 @@ def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: 
     if with_syncs:
         loader._non_blocking = False
     batches = iter(loader)
-    running_loss = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    samples = padded = 0
+    # A constant schedule: the sweep times steps, it does not train to a result.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    train_step = TrainStep(accelerator, model, optimizer, scheduler, config, batches_per_epoch=len(loader),
+                           prepared_mask=prepared_mask, low_precision=bf16_weights)
+    state = TrainingState()
+    meter = TrainMeter(accelerator)
 
     def step(batch) -> None:
-        nonlocal samples, padded, running_loss, tokens
-        inputs = model_inputs(batch, prepared_mask)
-        loss = (model(**inputs) if bf16_weights is None else bf16_weights.forward(model, inputs)).loss
-        accelerator.backward(loss)
-        if bf16_weights is not None:
-            bf16_weights.move_gradients()
-        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running_loss += loss.detach()
-        tokens += batch["attention_mask"].sum()
-        samples += batch["labels"].shape[0]
-        padded += batch["input_ids"].numel()
+        meter.add(train_step(batch, state), batch)
 
     for _ in range(warmup):
         step(next(batches))
@@ -108,19 +100,17 @@ def time_shape(accelerator, model, optimizer, train, tokenizer, config, warmup: 
         kernels = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = {"kernel_ms_per_step": sum(e.device_time for e in kernels) / 1e3 / 10,
                 "wall_ms_per_step": wall * 1e3 / 10, "kernels_per_step": len(kernels) / 10}
+    meter.flush()
     synchronize()
-    running_loss.zero_()
-    tokens.zero_()
-    samples = padded = 0
     started = time.perf_counter()
     for _ in range(steps):
         step(next(batches))
     synchronize()
     seconds = time.perf_counter() - started
-    real = float(tokens)
-    return {"ms_per_step": seconds * 1e3 / steps, "samples_per_s": samples / seconds, "tokens_per_s": real / seconds,
-            "padding_efficiency": real / max(padded, 1), "rows_per_step": samples / steps, "busy": busy,
-            "loss": float(running_loss) / steps}
+    window = meter.flush()
+    return {"ms_per_step": seconds * 1e3 / steps, "samples_per_s": window["samples"] / seconds,
+            "tokens_per_s": window["tokens_per_s"], "padding_efficiency": window["padding_efficiency"],
+            "rows_per_step": window["samples"] / steps, "busy": busy, "loss": window["loss"]}
 
 
 def main() -> None:
@@ -128,7 +118,7 @@ def main() -> None:
     parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="holds data/nsmc and models/")
     parser.add_argument("--model_size", choices=("proxy", "base", "narrow"), default="base")
     parser.add_argument("--mixed_precision", default="auto", help="as trainer_pkg.train's (auto: bf16 on a GPU)")
-    parser.add_argument("--shapes", nargs="+", default=["b64", "b256", "b512", "t16384"])
+    parser.add_argument("--shapes", nargs="+", default=["b64", "b256", "b512"])
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps per shape (cuBLAS/allocator warm-up)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per shape")
     parser.add_argument("--eval_batches", type=int, nargs="*", default=[256, 1024])

@@ -7,9 +7,22 @@ cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
 if [[ -z "${TRAINER_PKG_PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then TRAINER_PKG_PYTHON=.venv/bin/python; else TRAINER_PKG_PYTHON=python3; fi
 fi
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
 NUM_MACHINES=${NUM_MACHINES:-$SLURM_NNODES}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+node_gpus=${SLURM_GPUS_ON_NODE:-0}
+if [[ "$node_gpus" =~ ^[1-9][0-9]*$ ]]; then
+    ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
+    GPUS_PER_NODE=${GPUS_PER_NODE:-$node_gpus}
+else
+    # A CPU node (--gpus-per-node=0): fp32, and one process per CPU_THREADS_PER_PROCESS of the
+    # task's CPUs, each with that many threads (a process per core would spend its time in the
+    # all-reduce; one for all cores leaves a large node's threads idle in small operations).
+    ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/cpu_multi_process.yaml}
+    node_cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+    CPU_THREADS_PER_PROCESS=${CPU_THREADS_PER_PROCESS:-16}
+    GPUS_PER_NODE=${GPUS_PER_NODE:-$(( node_cpus / CPU_THREADS_PER_PROCESS ))}
+    (( GPUS_PER_NODE >= 1 )) || GPUS_PER_NODE=1
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( node_cpus / GPUS_PER_NODE > 0 ? node_cpus / GPUS_PER_NODE : 1 ))}
+fi
 [[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || GPUS_PER_NODE=1
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # One port per job, so that two jobs sharing a head node do not collide.

@@ -4,8 +4,9 @@
 #
 #   sbatch slurm/evaluate.sh runs/nsmc/model [--test_file FILE | --data DIR] [--output FILE]
 #
-# Arguments go to `python -m trainer_pkg.evaluate` unchanged. Knobs as in slurm/train.sh:
-# ACCELERATE_CONFIG, GPUS_PER_NODE, NUM_MACHINES, MAIN_PORT, TRAINER_PKG_PYTHON.
+# Arguments go to `python -m trainer_pkg.evaluate` unchanged. The #SBATCH lines are site defaults;
+# on CPU nodes pass --gpus-per-node=0. Knobs as in slurm/train.sh: ACCELERATE_CONFIG,
+# GPUS_PER_NODE, CPU_THREADS_PER_PROCESS, NUM_MACHINES, MAIN_PORT, TRAINER_PKG_PYTHON.
 #
 #SBATCH --job-name=trainer_pkg_eval
 #SBATCH --nodes=1

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Train on SLURM: N nodes x G GPUs, preemption-safe (checkpoint on warning, requeue, resume).
+# Train on SLURM: N nodes x G GPUs (or CPU nodes), preemption-safe (checkpoint on warning, requeue, resume).
 #
 #   sbatch slurm/train.sh --config configs/nsmc_mbert.yaml --output_dir runs/nsmc
 #   sbatch --nodes=4 slurm/train.sh ...                # sbatch flags override the #SBATCH lines
+#   sbatch --gpus-per-node=0 --cpus-per-task=32 --partition=cpu slurm/train.sh ...   # CPU nodes
 #   ACCELERATE_CONFIG=accelerate_configs/deepspeed_zero2.yaml sbatch slurm/train.sh ...
 #
+# The #SBATCH lines below are site defaults (8 GPUs, 64 CPUs, 4 hours per node): override them on
+# the sbatch command line for your cluster. On a partition without GPUs pass --gpus-per-node=0.
+#
 # Arguments go to `python -m trainer_pkg.train` unchanged. Knobs (environment, exported by sbatch):
-#   ACCELERATE_CONFIG   accelerate config file (default: accelerate_configs/multi_gpu.yaml)
-#   GPUS_PER_NODE       training processes per node (default: the node's GPUs, or 1 without GPUs)
+#   ACCELERATE_CONFIG   accelerate config file (default: accelerate_configs/multi_gpu.yaml on GPU
+#                       nodes, accelerate_configs/cpu_multi_process.yaml, fp32, on CPU nodes)
+#   GPUS_PER_NODE       training processes per node (default: the node's GPUs; on CPU nodes one
+#                       per CPU_THREADS_PER_PROCESS CPUs of the task, default 16, at least one)
 #   NUM_MACHINES        launcher tasks = machines (default: the allocation's node count)
 #   MAIN_PORT           rendezvous port on the head node (default: derived from the job id)
 #   TRAINER_PKG_PYTHON  Python with trainer_pkg installed (default: .venv/bin/python, else python3)

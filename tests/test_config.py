@@ -160,6 +160,29 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     assert all(name in message for name in FIELD_NAMES)
 
 
+def test_every_unknown_key_is_named_in_one_error(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"epoch": 2, "lerning_rate": 0.1, "seed": 1, "zzzzzz": 3})
+    with pytest.raises(UserError) as caught:
+        load_config(["--config", path])
+    message = str(caught.value)
+    assert message.startswith(f"{path}: unknown config keys 'epoch' (did you mean 'epochs'?), 'lerning_rate' "
+                              "(did you mean 'lr'?), 'zzzzzz'; valid keys: ")
+    with pytest.raises(UserError) as caught:
+        load_config(["--epoch", "2", "--lr", "-1", "--lrr=1", "--warmup", "0.1"])
+    assert str(caught.value) == ("command line: unknown config keys 'epoch' (did you mean 'epochs'?), 'lrr' (did you "
+                                 "mean 'lr'?), 'warmup' (did you mean 'warmup_ratio'?)")
+
+
+def test_help_answers_without_importing_torch_and_shows_defaults():
+    # Wide enough that argparse does not wrap a help line.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer_pkg.train", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "trainer_pkg.config" in imported and not {"torch", "transformers", "datasets"} & imported
+    assert "--save_every_minutes" in result.stdout and "[default: 30.0]" in result.stdout
+
+
 def test_abbreviated_flags_are_not_accepted():
     # allow_abbrev=False: '--epo' must not silently mean '--epochs'.
     with pytest.raises(UserError, match="'epo'"):

@@ -20,7 +20,6 @@ from trainer_pkg.data import (
     DataReport,
     LengthGroupedSampler,
     PackedTokens,
-    TokenBudgetBatchSampler,
     check_and_clean,
     eval_dataloader,
     load_tokenized,
@@ -196,10 +195,15 @@ def test_no_validation_split_and_sample_limits(tmp_path, nsmc, tok):
     assert set(splits) == {"train", "test"}
     assert len(splits["train"]) == N_TRAIN
     assert report.rows == {"train": N_TRAIN, "test": N_TEST}
-    _, report = load_tokenized(
+    limited, report = load_tokenized(
         make_config(tmp_path, nsmc, max_train_samples=50, max_eval_samples=10), tok
     )
     assert report.rows == {"train": 50, "validation": 10, "test": 10}
+    # Limited before tokenizing, the same rows as the first ones of the whole splits.
+    whole, _ = load_tokenized(make_config(tmp_path, nsmc), tok)
+    for split, count in report.rows.items():
+        assert limited[split]["id"] == whole[split]["id"][:count], split
+        assert limited[split]["input_ids"] == whole[split]["input_ids"][:count], split
 
 
 def test_validation_size_too_large(tmp_path, nsmc, tok):
@@ -211,16 +215,22 @@ def test_empty_documents_are_kept_and_counted(tmp_path, nsmc, tok):
     empty_ids = [row[0] for row in raw_rows(nsmc / "ratings_train.txt")[1:] if row[1] == ""]
     assert len(empty_ids) == 2
     splits, report = load_tokenized(make_config(tmp_path, nsmc), tok)
-    assert report.empty_texts == {"train": 2, "test": 0}
-    assert "train: 160 rows (2 empty texts kept)" in report.lines()
     found = {}
     for split in ("train", "validation"):
         for row in splits[split]:
             if row["id"] in empty_ids:
-                found[row["id"]] = row
+                found[row["id"]] = (split, row)
     assert set(found) == set(empty_ids)
-    for row in found.values():
+    for _, row in found.values():
         assert row["input_ids"] == [tok.cls_token_id, tok.sep_token_id]
+    # Counted in the split that uses them (here the seed carves both into validation).
+    in_split = {split: sum(where == split for where, _ in found.values()) for split in ("train", "validation")}
+    assert report.empty_texts == {**in_split, "test": 0} and in_split == {"train": 0, "validation": 2}
+    assert "validation: 40 rows (carved from train, 2 empty texts kept)" in report.lines()
+    # Rows a sample limit leaves out are not counted.
+    _, limited = load_tokenized(make_config(tmp_path, nsmc, max_eval_samples=1), tok)
+    assert limited.empty_texts["validation"] == sum(row["input_ids"] == [tok.cls_token_id, tok.sep_token_id]
+                                                    for row in splits["validation"].select(range(1)))
 
 
 def test_quote_characters_come_back_intact(tmp_path, nsmc):
@@ -396,8 +406,8 @@ def test_windows_line_endings(tmp_path, nsmc, tok):
     for name in ("ratings_train.txt", "ratings_test.txt"):
         (crlf / name).write_bytes((nsmc / name).read_bytes().replace(b"\n", b"\r\n"))
     from_crlf, report = load_tokenized(make_config(tmp_path, crlf), tok)
-    from_lf, _ = load_tokenized(make_config(tmp_path, nsmc), tok)
-    assert report.empty_texts == {"train": 2, "test": 0}
+    from_lf, report_lf = load_tokenized(make_config(tmp_path, nsmc), tok)
+    assert report.empty_texts == report_lf.empty_texts and sum(report.empty_texts.values()) == 2
     for split in from_lf:
         assert from_crlf[split]["labels"] == from_lf[split]["labels"]
         assert from_crlf[split]["input_ids"] == from_lf[split]["input_ids"]
@@ -554,40 +564,6 @@ def test_length_grouped_sampler_seeding():
     assert epoch1 == list(again)
     assert sorted(epoch1) == list(range(500))
     assert list(LengthGroupedSampler(lengths, 8, seed=2, group=4)) != epoch0
-
-
-def test_token_budget_batches_cover_every_row_within_the_budget():
-    lengths = skewed_lengths(2000, seed=5)
-    budget = 512
-    sampler = TokenBudgetBatchSampler(lengths, budget, seed=3, group_rows=300)
-    batches = list(sampler)
-    assert len(sampler) == len(batches)
-    assert sorted(i for batch in batches for i in batch) == list(range(2000))
-    for batch in batches:
-        width = -(-max(lengths[i] for i in batch) // 8) * 8
-        assert len(batch) * width <= budget or len(batch) == 1
-    sizes = {len(batch) for batch in batches}
-    assert max(sizes) > 4 * min(sizes)  # short texts do travel in larger batches
-    again = TokenBudgetBatchSampler(lengths, budget, seed=3, group_rows=300)
-    assert list(again) == batches
-    again.set_epoch(1)
-    assert list(again) != batches and sorted(i for b in again for i in b) == list(range(2000))
-
-
-def test_token_budget_dataloader_resumes_at_the_same_batches(tok):
-    """skip_first_batches after k batches gives exactly the batches k, k+1, ... of the epoch."""
-    from accelerate import Accelerator
-
-    texts = [text for _, text, _ in synthetic_rows(120, seed=9)]
-    config = TrainConfig(max_tokens_per_batch=96, seed=4)
-    accelerator = Accelerator(cpu=True)
-    loader = accelerator.prepare(train_dataloader(token_dataset(tok, texts), tok, config))
-    loader.set_epoch(1)
-    full = [b["input_ids"] for b in loader]
-    skipped = [b["input_ids"] for b in accelerator.skip_first_batches(loader, 3)]
-    assert len(full) == len(loader) and len(skipped) == len(full) - 3
-    assert all(torch.equal(a, b) for a, b in zip(full[3:], skipped))
-    assert len({b.shape[0] for b in full}) > 1
 
 
 def test_length_grouped_sampler_cuts_padding():

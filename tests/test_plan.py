@@ -9,16 +9,17 @@ import pytest
 
 from trainer_pkg.config import (
     DEFAULT_EPOCHS_FROM_SCRATCH,
-    DEFAULT_EPOCHS_PRETRAINED,
     DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
     DEFAULT_GLOBAL_BATCH_PRETRAINED,
     DEFAULT_LR_FROM_SCRATCH,
     DEFAULT_LR_PRETRAINED,
+    DEFAULT_MAX_EPOCHS_PRETRAINED,
+    DEFAULT_MIN_STEPS_PRETRAINED,
     config_from_file,
     load_config,
 )
 from trainer_pkg.errors import UserError
-from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, resolve_batch
+from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, resolve_batch, resolve_epochs
 
 
 def global_batch(config, processes: int) -> int:
@@ -35,12 +36,12 @@ def test_the_default_global_batch_and_lr_do_not_depend_on_the_launch(from_scratc
         resolved = resolve_batch(load_config(args), device, processes)
         assert global_batch(resolved, processes) == expected_batch, processes
         assert resolved.lr == pytest.approx(expected_lr)
-        assert resolved.epochs == (DEFAULT_EPOCHS_FROM_SCRATCH if from_scratch else DEFAULT_EPOCHS_PRETRAINED)
     # More processes than rows in the recipe's batch: one row each, the lr scaled to that batch, and the plan says so.
     crowded = resolve_batch(load_config(args), device, 2 * expected_batch)
     assert (crowded.per_device_batch_size, crowded.grad_accum) == (1, 1)
     assert crowded.lr == pytest.approx(expected_lr * math.sqrt(2))
-    plan = make_plan(crowded, device, 2 * expected_batch, num_train_rows=10_000, num_batches=10_000)
+    plan = make_plan(resolve_epochs(crowded, 10_000, 2 * expected_batch), device, 2 * expected_batch,
+                     num_train_rows=10_000, num_batches=10_000)
     assert any(f"more processes ({2 * expected_batch}) than rows" in note for note in plan.notes)
 
 
@@ -59,8 +60,6 @@ def test_explicit_per_device_batch_keeps_its_classic_meaning_and_explicit_lr_win
     assert global_batch(resolved, 2) == 256
     assert resolved.lr == pytest.approx(DEFAULT_LR_PRETRAINED * math.sqrt(256 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
     assert resolve_batch(load_config(["--lr", "3e-4", "--per_device_batch_size", "512"]), "cpu", 1).lr == 3e-4
-    # A token budget has no fixed batch to scale the lr by.
-    assert resolve_batch(load_config(["--max_tokens_per_batch", "4096"]), "cuda", 1).effective_lr == DEFAULT_LR_PRETRAINED
     # Per device and global together: the accumulation that makes them agree.
     both = resolve_batch(load_config(["--per_device_batch_size", "8", "--global_batch_size", "64"]), "cpu", 2)
     assert both.grad_accum == 4
@@ -83,16 +82,31 @@ def test_contradictory_batch_flags_are_refused_in_one_line():
         load_config(["--dry_run", "--assume_device", "tpu"])
 
 
+@pytest.mark.parametrize("batches_per_epoch", [40, 400, 999, 1000, 2105, 50_000])
+def test_pretrained_runs_take_the_fewest_epochs_that_reach_the_minimum_steps(batches_per_epoch):
+    for processes in (1, 2, 8):
+        resolved = resolve_batch(load_config([]), "cpu", processes)
+        # The same corpus in the same global batches: the same epochs on any number of processes.
+        epochs = resolve_epochs(resolved, batches_per_epoch * processes, processes).epochs
+        expected = min(DEFAULT_MAX_EPOCHS_PRETRAINED, math.ceil(DEFAULT_MIN_STEPS_PRETRAINED / batches_per_epoch))
+        assert epochs == expected, processes
+        assert epochs == 1 or (epochs - 1) * batches_per_epoch < DEFAULT_MIN_STEPS_PRETRAINED
+    assert resolve_epochs(resolve_batch(load_config(["--from_scratch"]), "cpu", 1), 40, 1).epochs == \
+        DEFAULT_EPOCHS_FROM_SCRATCH
+    assert resolve_epochs(resolve_batch(load_config(["--epochs", "5"]), "cpu", 1), 40, 1).epochs == 5
+
+
 def test_the_plan_counts_steps_as_accelerate_shards_batches_and_says_when_gpus_starve():
-    resolved = resolve_batch(load_config([]), "cuda", 8)
+    resolved = resolve_epochs(resolve_batch(load_config([]), "cuda", 8), 250, 8)
     # 1,000 rows in batches of 4 per GPU: 250 batches, 32 rounds of 8 GPUs (the last one completed).
     plan = make_plan(resolved, "cuda", 8, num_train_rows=1000, num_batches=250)
     assert plan.per_device_batch_size == DEFAULT_GLOBAL_BATCH_PRETRAINED // 8
     assert plan.steps_per_epoch == math.ceil(250 / 8)
-    assert plan.total_steps == plan.steps_per_epoch * DEFAULT_EPOCHS_PRETRAINED
+    assert plan.total_steps == plan.steps_per_epoch * DEFAULT_MAX_EPOCHS_PRETRAINED
     assert plan.warmup_steps == round(plan.total_steps * 0.06)
     assert any("rows per GPU" in note for note in plan.notes)
-    assert not any("rows per GPU" in note for note in make_plan(resolve_batch(load_config([]), "cpu", 1), "cpu", 1,
-                                                                 1000, 32).notes)
-    capped = make_plan(resolve_batch(load_config(["--max_steps", "5"]), "cpu", 1), "cpu", 1, 1000, 32)
+    on_cpu = resolve_epochs(resolve_batch(load_config([]), "cpu", 1), 32, 1)
+    assert not any("rows per GPU" in note for note in make_plan(on_cpu, "cpu", 1, 1000, 32).notes)
+    capped = make_plan(resolve_epochs(resolve_batch(load_config(["--max_steps", "5"]), "cpu", 1), 32, 1),
+                       "cpu", 1, 1000, 32)
     assert capped.total_steps == 5

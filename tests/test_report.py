@@ -15,7 +15,7 @@ from same_results import assert_same_results
 from sklearn.metrics import precision_recall_fscore_support
 
 from trainer_pkg.console import RunConsole
-from trainer_pkg.report import FIGURES, build_report, write_figures
+from trainer_pkg.report import build_report, figure_paths, write_figures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ORIGINAL_KEYS = ("accuracy", "f1", "precision", "recall", "confusion_matrix", "num_samples")
@@ -141,9 +141,9 @@ def test_figures_render(tmp_path):
     records += [{"kind": "validation", "step": s, "loss": 2 / s, "accuracy": 1 - 1 / s, "f1": 1 - 2 / s}
                 for s in (25, 50, 75, 100)]
     log.write_text("\n".join(map(json.dumps, records)) + '\n{"kind": "train", "st', encoding="utf-8")
-    written = write_figures({**report, "confusion_matrix": confusion.tolist()}, names, tmp_path / "figures", log,
-                            RunConsole(enabled=False))
-    assert [path.name for path in written] == list(FIGURES)
+    written = write_figures({**report, "confusion_matrix": confusion.tolist()}, names, tmp_path / "figures" / "r.json",
+                            log, RunConsole(enabled=False))
+    assert [path.name for path in written] == ["r_confusion_matrix.png", "r_reliability.png", "r_training_curves.png"]
     for path in written:
         assert_real_png(path)
 
@@ -154,7 +154,7 @@ def test_without_matplotlib_figures_are_skipped_with_one_line(tmp_path):
         "from pathlib import Path\n"
         "from trainer_pkg.console import RunConsole\n"
         "from trainer_pkg.report import write_figures\n"
-        "print(write_figures({}, ['a', 'b'], Path(sys.argv[1]), None, RunConsole()))\n"
+        "print(write_figures({}, ['a', 'b'], Path(sys.argv[1]) / 'r.json', None, RunConsole()))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
@@ -195,11 +195,15 @@ def test_evaluate_writes_the_report_json_tables_and_figures(tiny_run, tiny_nsmc,
     assert [w["probability"] for w in wrong] == sorted((w["probability"] for w in wrong), reverse=True)
     for title in ("per class", "accuracy by length", "calibration: ECE", "wrote"):
         assert title in result.stderr, title
-    for name in FIGURES:
-        assert_real_png(output.parent / name)
+    for path in figure_paths(output):
+        assert_real_png(path)
+    # A second report in the same folder keeps its own figures.
+    run_module("trainer_pkg.evaluate", tiny_run / "model", "--test_file", test_file, "--output",
+               output.with_name("other.json"), env=cache_env)
+    assert all(path.is_file() for path in figure_paths(output) + figure_paths(output.with_name("other.json")))
 
     # Training ended with the same report on the same test set, and its figures in the run directory.
     in_run = json.loads((tiny_run / "test_report.json").read_text())
     assert_same_results({key: report[key] for key in in_run}, in_run)
-    for name in FIGURES:
-        assert_real_png(tiny_run / name)
+    for path in figure_paths(tiny_run / "test_report.json"):
+        assert_real_png(path)

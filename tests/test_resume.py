@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +147,67 @@ def test_killed_between_steps_during_evaluation_and_while_saving(reference, tmp_
     assert_same_result(reference, output_dir)
     assert not list(checkpoints.glob(".tmp-*")) and not list(checkpoints.glob(".trash-*"))
     assert os.listdir(checkpoints)
+
+
+def test_ctrl_c_checkpoints_at_the_next_step_and_resume_matches(reference, tmp_path, tiny_model, tiny_nsmc, cache_env):
+    output_dir = tmp_path / "run"
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, *EXTRA)
+    # A random moment: after a random logged step (every step is logged here, between checkpoints too).
+    moment = random.Random().randint(1, 120)
+    process = start([*args, "--log_every", "1"], cache_env, tmp_path / "run.log")
+    wait_until(process, lambda: any(r["step"] >= moment for r in log_records(output_dir, "train")))
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 75, (moment, (tmp_path / "run.log").read_text()[-2000:])
+    log = (tmp_path / "run.log").read_text()
+    assert "Ctrl-C: saving a checkpoint at the next step" in log and "SIGINT: checkpoint at step" in log
+    stopped_at = json.loads((output_dir / "checkpoints" / latest(output_dir) / "trainer_state.json").read_text())
+    assert stopped_at["optimizer_steps"] >= moment, moment
+
+    # No flags but the directory: --resume continues the saved run as it was (every step logged).
+    resumed = run_module("trainer_pkg.train", "--output_dir", str(output_dir), "--resume", env=cache_env)
+    assert "--resume continues the saved run with" not in resumed.stderr
+    assert_same_result(reference, output_dir)
+
+
+def test_resume_refuses_other_data_naming_the_key_and_says_what_changes(tiny_run, tmp_path, tiny_nsmc, cache_env):
+    for flag, value in (("--max_train_samples", "100"), ("--train_file", str(tiny_nsmc / "ratings_test.txt")),
+                        ("--seed", "8")):
+        refused = run_module("trainer_pkg.train", "--output_dir", str(tiny_run), "--resume", flag, value,
+                             env=cache_env, check=False)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        message = refused.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"error: --resume: {flag} ") and f"drop {flag} to continue the run" in message
+    # A finished run (a copy: others use it) resumed with another log interval: nothing is left to
+    # train, and the change is said.
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    resumed = run_module("trainer_pkg.train", "--output_dir", str(copy), "--resume", "--log_every", "3", env=cache_env)
+    assert "log_every 5 -> 3" in resumed.stderr and "--resume continues the saved run with" in resumed.stderr
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, tiny_model, tiny_nsmc, cache_env):
+    output_dir = tmp_path / "run"
+    # Evaluations of single rows are slow enough that the second signal comes before the next step.
+    process = start(tiny_train_args(tiny_model, tiny_nsmc, output_dir, *EXTRA, "--eval_every", "1",
+                                    "--eval_batch_size", "1"), cache_env, tmp_path / "run.log")
+    wait_until(process, lambda: log_records(output_dir, "train"))
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    assert (tmp_path / "run.log").read_text().strip().splitlines()[-1] == "interrupted"
+
+
+def test_checkpoints_by_the_clock_survive_a_kill_mid_epoch(reference, tmp_path, tiny_model, tiny_nsmc, cache_env):
+    output_dir = tmp_path / "run"
+    # Without --save_every, the first checkpoint before the validation at step 40 is the clock's (every 0.3 s).
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, *EXTRA, "--save_every", "0", "--save_every_minutes", "0.005")
+    process = start(args, cache_env, tmp_path / "run.log")
+    pointer = output_dir / "checkpoints" / "latest"
+    wait_until(process, lambda: pointer.is_file(), interval=0.02)
+    kill(process)
+    state = json.loads((output_dir / "checkpoints" / latest(output_dir) / "trainer_state.json").read_text())
+    assert state["epoch"] == 0 and state["optimizer_steps"] % 40 and 0 < state["batches_in_epoch"] < 125, state
+
+    run_module("trainer_pkg.train", *args, "--resume", env=cache_env)
+    assert_same_result(reference, output_dir)

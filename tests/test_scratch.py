@@ -142,9 +142,8 @@ def test_bad_scratch_options_are_reported():
 
 
 def test_resume_refuses_another_attention_lr_scale(tmp_path):
-    from trainer_pkg.checkpoint import TrainingState
     from trainer_pkg.config import TrainConfig, config_from_file
-    from trainer_pkg.train import resume_problem
+    from trainer_pkg.run_dir import TrainingState, resume_problem
 
     # What a checkpoint holds is the resolved configuration: the effective scale written out.
     TrainConfig(from_scratch=True).save(tmp_path / "run_config.yaml")

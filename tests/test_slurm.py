@@ -96,18 +96,18 @@ def test_train_job_runs_to_completion_and_exports(completed_run):
     assert "restart 0" in log and "requeueing" not in log
 
 
-def test_train_job_with_the_script_defaults_on_a_node_without_gpus(tmp_path, tiny_model, tiny_nsmc, cache_env):
-    # No ACCELERATE_CONFIG, no GPUS_PER_NODE: multi_gpu.yaml (bf16) with one process, which
-    # Accelerate still wraps in DDP.
-    env = {**cache_env, "TRAINER_PKG_PYTHON": sys.executable}
+def test_train_job_on_a_cpu_partition_takes_its_processes_from_the_cpus(tmp_path, tiny_model, tiny_nsmc, cache_env):
+    # No ACCELERATE_CONFIG, no GPUS_PER_NODE, --gpus-per-node=0: the CPU config (fp32) and one
+    # process per CPU_THREADS_PER_PROCESS of the task's CPUs: 2 CPUs / 1 = 2 processes.
+    env = {**cache_env, "TRAINER_PKG_PYTHON": sys.executable, "CPU_THREADS_PER_PROCESS": "1"}
     output_dir = tmp_path / "out"
     job = sbatch("train.sh", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "2",
                                               "--max_train_samples", "64", "--max_eval_samples", "32"),
-                 logs=tmp_path, env=env)
+                 logs=tmp_path, env=env, options=("--cpus-per-task=2",))
     info = wait_for(job)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
-    assert "1 machine(s) x 1 process(es)" in log and "1 process(es) on cpu, precision bf16" in log, log
+    assert "1 machine(s) x 2 process(es)" in log and "2 process(es) on cpu, precision no" in log, log
     assert (output_dir / "model" / "model.safetensors").is_file()
 
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import run_module, tiny_train_args
 
-from trainer_pkg.config import load_config
+from trainer_pkg.config import TrainConfig, load_config
 from trainer_pkg.errors import UserError
-from trainer_pkg.tracking import resolve_trackers
+from trainer_pkg.tracking import resolve_trackers, tracking_line
 
 
 def log_records(run_dir, kind):
@@ -56,6 +56,17 @@ def test_report_to_resolves_and_rejects_unknown_names():
     assert load_config(["--report_to", "none"]).report_to == ["none"]
     with pytest.raises(UserError, match="report_to must list some of auto, none, tensorboard, wandb, mlflow"):
         load_config(["--report_to", "tensorboard,wandbb"])
+
+
+def test_the_run_says_where_its_numbers_go(tmp_path):
+    tensorboard_dir = tmp_path / "run" / "tensorboard"
+    auto = TrainConfig(report_to=["auto"], output_dir=str(tmp_path / "run"))
+    assert tracking_line([], auto, tensorboard_dir) == (
+        "tracking: --report_to auto found no TensorBoard (pip install 'trainer_pkg[tracking]'); the numbers are in "
+        f"{tmp_path / 'run' / 'log.jsonl'}")
+    assert "--report_to none" in tracking_line([], TrainConfig(report_to=["none"]), tensorboard_dir)
+    assert f"TensorBoard in {tensorboard_dir} (tensorboard --logdir {tensorboard_dir})" in tracking_line(
+        ["tensorboard"], auto, tensorboard_dir)
 
 
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])

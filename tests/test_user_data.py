@@ -12,8 +12,7 @@ from conftest import run_module
 from helpers_tiny import synthetic_rows
 
 from trainer_pkg.config import TrainConfig
-from trainer_pkg.data import label_ids, load_tokenized, resolve_columns_and_labels
-from trainer_pkg.data_sources import source_files
+from trainer_pkg.data import label_ids, load_tokenized, resolve_columns_and_labels, source_files
 from trainer_pkg.errors import UserError
 
 

@@ -12,9 +12,8 @@ import time
 import pytest
 from conftest import REPO, run_commands, run_module, tiny_train_args
 
-from trainer_pkg.checkpoint import TrainingState
 from trainer_pkg.config import TrainConfig
-from trainer_pkg.train import LOCK_FILE, resume_problem
+from trainer_pkg.run_dir import LOCK_FILE, TrainingState, resume_problem
 
 
 def one_line_error(result) -> str:
@@ -66,11 +65,16 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(tiny_model, tiny_nsmc, cac
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+# The change, what resuming another directory from this run's checkpoint says, and what resuming
+# the same directory says (its saved settings name the flag first, where it defines the run).
 CHANGES = {
-    "other_model": (["--model_overrides", "num_hidden_layers=1"], "saved by a run with another model_overrides"),
+    "other_model": (["--model_overrides", "num_hidden_layers=1"], "saved by a run with another model_overrides",
+                    "--model_overrides {'num_hidden_layers': 1} differs from the run in"),
     "other_labels": (["--labels", "bad,good"],
-                     "saved by a run with another labels (labels was ['negative', 'positive'], now ['bad', 'good'])"),
-    "other_batch_mid_epoch": (["--per_device_batch_size", "32"], "saved mid-epoch with --per_device_batch_size 16"),
+                     "saved by a run with another labels (labels was ['negative', 'positive'], now ['bad', 'good'])",
+                     "--labels ['bad', 'good'] differs from the run in"),
+    "other_batch_mid_epoch": (["--per_device_batch_size", "32"], "saved mid-epoch with --per_device_batch_size 16",
+                              "saved mid-epoch with --per_device_batch_size 16"),
 }
 
 
@@ -79,17 +83,17 @@ def test_resuming_under_an_incompatible_configuration_is_refused(finished_run, t
     before = snapshot(finished_run)
     checkpoint = finished_run / "checkpoints" / "step-00000002"
     attempts = {}
-    for name, (change, _) in CHANGES.items():
+    for name, (change, *_) in CHANGES.items():
         # The same directory (--resume), and another one resuming from this run's checkpoint.
         attempts[f"{name}_same_dir"] = ["trainer_pkg.train", *tiny_train_args(
             tiny_model, tiny_nsmc, finished_run, "--max_steps", "8", *change), "--resume"]
         attempts[f"{name}_elsewhere"] = ["trainer_pkg.train", *tiny_train_args(
             tiny_model, tiny_nsmc, tmp_path / name, "--max_steps", "8", *change), "--resume", checkpoint]
     results = run_commands(attempts, cache_env, tmp_path / "attempts")
-    for name, (_, expected) in CHANGES.items():
-        for where in ("same_dir", "elsewhere"):
+    for name, (_, elsewhere, same_dir) in CHANGES.items():
+        for where, expected in (("same_dir", same_dir), ("elsewhere", elsewhere)):
             message = one_line_error(results[f"{name}_{where}"])
-            assert message.startswith("error: --resume ") and expected in message, message
+            assert message.startswith("error: --resume") and expected in message, message
         assert not (tmp_path / name / "run_config.yaml").exists()
     assert snapshot(finished_run) == before
 

@@ -1,14 +1,9 @@
-"""Checkpoints: save and resume the full training state, rotate, and export a HF model directory.
+"""Checkpoints: save and load the full training state, rotate, and export a HF model directory.
 
-Layout of an output directory:
-
-    run_config.yaml          the resolved configuration of the run
-    log.jsonl                every logged step and evaluation
-    checkpoints/step-000100/ Accelerate state (model, optimizer, RNG) + trainer_state.json,
-                             the model config, tokenizer and run_config.yaml (so evaluate/predict
-                             can load a checkpoint directly)
-    checkpoints/latest       name of the newest complete checkpoint
-    model/                   the exported best model (safetensors, tokenizer, config with labels)
+A checkpoint (checkpoints/step-00000100/ of the output directory, trainer_pkg.run_dir) holds the
+Accelerate state (model, optimizer, RNG), trainer_state.json, the model config, the tokenizer and
+run_config.yaml, so evaluate/predict can load a checkpoint directly; checkpoints/latest names the
+newest complete one; model/ is the exported best model (safetensors, tokenizer, labelled config).
 
 Checkpoints are written to a temporary directory (.tmp-step-N, trainer_state.json last) and
 renamed into place only when complete; the `latest` pointer changes last. A checkpoint that is
@@ -23,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,47 +29,22 @@ from safetensors import SafetensorError
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
-
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "run_config.yaml"
-LATEST = "latest"
-
-
-@dataclass
-class TrainingState:
-    """Where training stands; saved in every checkpoint and restored on resume."""
-
-    epoch: int = 0
-    batches_in_epoch: int = 0  # per process
-    num_processes: int = 1
-    optimizer_steps: int = 0
-    samples_seen: int = 0
-    skipped_non_finite: int = 0  # optimizer steps dropped by --nan_policy skip
-    skipped_overflow: int = 0  # fp16 steps the loss scaler skipped
-    best_metric: float | None = None
-    best_checkpoint: str | None = None
-    best_validation: dict = field(default_factory=dict)
-    validations_since_best: int = 0  # for --early_stopping_patience
-    stopped_early: bool = False
-    scheduler: dict = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, checkpoint: Path) -> TrainingState:
-        path = checkpoint / STATE_FILE
-        try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise UserError(f"{checkpoint}: not a trainer_pkg checkpoint (no {STATE_FILE})") from None
-        except (json.JSONDecodeError, TypeError) as error:
-            raise UserError(f"{path}: unreadable training state ({error}); resume from an earlier checkpoint") from None
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
+from trainer_pkg.model import quiet_transformers
+from trainer_pkg.run_dir import (
+    CONFIG_FILE,
+    EXPORT_CONFIG_FILE,
+    LATEST,
+    METRICS_FILE,
+    STATE_FILE,
+    TRASH_PREFIX,
+    TrainingState,
+    checkpoint_name,
+    checkpoints_dir,
+    is_complete,
+    latest_checkpoint,
+)
 
 TEMPORARY_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -86,49 +57,6 @@ def _write_atomic(path: Path, text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def is_complete(checkpoint: Path) -> bool:
-    # trainer_state.json is the last file written into a checkpoint.
-    return (checkpoint / STATE_FILE).is_file()
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    root = checkpoints_dir(output_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if candidate.name.startswith("step-") and is_complete(candidate):
-            return candidate
-    # No pointer, or one naming nothing: a crash after a checkpoint was published but before the
-    # pointer moved, or while a checkpoint of the same step was being replaced. Any complete
-    # checkpoint resumes exactly; the newest loses the least work.
-    complete = [p for p in root.glob("step-*") if is_complete(p)]
-    complete += [p for p in root.glob(f"{TRASH_PREFIX}step-*") if is_complete(p)]
-    if not complete:
-        return None
-    return max(complete, key=lambda p: (p.name.removeprefix(TRASH_PREFIX), not p.name.startswith(TRASH_PREFIX)))
-
-
-def resolve_resume(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start."""
-    if config.resume is None:
-        return None
-    if config.resume == "auto":
-        return latest_checkpoint(config.output_dir)
-    if config.resume == "latest":
-        found = latest_checkpoint(config.output_dir)
-        if found is None:
-            raise UserError(
-                f"--resume: no complete checkpoint in {checkpoints_dir(config.output_dir)}; "
-                "run without --resume to start fresh"
-            )
-        return found
-    path = Path(config.resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"--resume {config.resume}: not a complete trainer_pkg checkpoint (no {STATE_FILE})")
-    return path
-
 
 def current_umask() -> int:
     # Reading the umask means setting it: put it straight back.
@@ -179,7 +107,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainingState, scheduler, c
                     model, tokenizer) -> Path:
     """Save on all ranks into a temporary directory, then publish it atomically."""
     root = checkpoints_dir(config.output_dir)
-    name = f"step-{state.optimizer_steps:08d}"
+    name = checkpoint_name(state.optimizer_steps)
     final = root / name
     temporary = root / f"{TEMPORARY_PREFIX}{name}"
     state.scheduler = scheduler.state_dict()
@@ -220,6 +148,16 @@ def save_checkpoint(accelerator: Accelerator, state: TrainingState, scheduler, c
     return final
 
 
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Accelerate's load_state: torch.load with weights_only=True, so a pickle that would run code is refused."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"{checkpoint}: cannot load the checkpoint ({type(error).__name__}: {reason}); "
+                        "resume from another checkpoint") from error
+
+
 def _publish(temporary: Path, final: Path) -> None:
     """Rename the finished checkpoint into place; one of the same step moves aside first, not deleted."""
     trash = final.with_name(TRASH_PREFIX + final.name)
@@ -254,10 +192,11 @@ def export_model(accelerator: Accelerator, model, tokenizer, config: TrainConfig
     if accelerator.is_main_process:
         temporary = export_dir.with_name(f".{export_dir.name}.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict, safe_serialization=True)
+        with quiet_transformers():
+            accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
-        config.save(temporary / "training_config.yaml")
-        (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        config.save(temporary / EXPORT_CONFIG_FILE)
+        (temporary / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         apply_umask(temporary)
         if export_dir.exists():
             shutil.rmtree(export_dir)

@@ -30,7 +30,11 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # (trainer_pkg/plan.py); the lr is scaled by sqrt(global batch / the recipe's) for other batches.
 DEFAULT_GLOBAL_BATCH_PRETRAINED = 32
 DEFAULT_LR_PRETRAINED = 5e-5
-DEFAULT_EPOCHS_PRETRAINED = 2
+# Pretrained runs take enough epochs for this many optimizer steps, within 1..3 epochs: one epoch of
+# a large corpus (full SST-2: 2,105 steps), more of a small one, whose single epoch is too few steps
+# for the new classifier head (docs/pretrained.md "Epochs").
+DEFAULT_MIN_STEPS_PRETRAINED = 1000
+DEFAULT_MAX_EPOCHS_PRETRAINED = 3
 # A from-scratch encoder has to learn its embeddings too: it wants a far larger step.
 DEFAULT_GLOBAL_BATCH_FROM_SCRATCH = 64
 DEFAULT_LR_FROM_SCRATCH = 1e-3
@@ -94,8 +98,9 @@ class TrainConfig:
 
     # --- optimisation ------------------------------------------------------------------------
     epochs: int | None = None
-    """Passes over the training data; default 2 for pretrained weights, 1 with --from_scratch
-    (docs/pretrained.md has the measurements)."""
+    """Passes over the training data; default 1 with --from_scratch, and for pretrained weights the
+    fewest epochs (at most 3) that take 1,000 optimizer steps: 1 for a large corpus, more for a
+    small one (docs/pretrained.md has the measurements)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     early_stopping_patience: int = 0
@@ -103,8 +108,7 @@ class TrainConfig:
     the best checkpoint is exported either way."""
     lr: float | None = None
     """Peak learning rate; default 5e-5 for pretrained weights at their default global batch of 32,
-    1e-3 with --from_scratch at 64, scaled by sqrt(global batch / default) for other global batches
-    (not with --max_tokens_per_batch, whose batches vary)."""
+    1e-3 with --from_scratch at 64, scaled by sqrt(global batch / default) for other global batches."""
     attention_lr_scale: float | None = None
     """Learning-rate multiplier for the position embeddings and attention query/key weights; default 1
     for pretrained weights, 0.03 with --from_scratch (see trainer_pkg/scratch.py)."""
@@ -133,15 +137,12 @@ class TrainConfig:
     """Batch texts of similar length together (random order kept across batches) to cut padding."""
     num_workers: int = 0
     """Data-loader worker processes (0 loads batches in the training process)."""
-    max_tokens_per_batch: int = 0
-    """Fill each training batch up to this many padded tokens instead of a fixed row count (0: off,
-    use per_device_batch_size); short texts then travel in larger batches."""
     compile: bool = False
     """torch.compile the model (dynamic shapes: compiled once, not once per batch length)."""
-    cast_weights_once: bool = True
+    cast_weights_once: bool = False
     """With bf16 on one process: cast the Linear weights to bf16 once per optimizer step instead of in
-    every forward and backward (the same numbers, ~300 fewer kernel launches per BERT-base step);
-    'false' keeps autocast's own casts."""
+    every forward and backward (the same numbers, ~300 fewer kernel launches per BERT-base step).
+    Off by default: it targets GPUs, where its effect on time has not been measured yet."""
     nan_policy: str = "stop"
     """What a non-finite (NaN/inf) loss or gradient does: 'stop' (a one-line error naming the step; no
     checkpoint is written from such weights) or 'skip' (drop that optimizer step, count and report it)."""
@@ -153,6 +154,9 @@ class TrainConfig:
     """Evaluate on the validation split every N optimizer steps (0: only at the end of each epoch)."""
     save_every: int = 0
     """Save a checkpoint every N optimizer steps (0: only after evaluations)."""
+    save_every_minutes: float = 30.0
+    """Also save a checkpoint when this many minutes have passed since the last one, so a crash or
+    an out-of-memory kill loses at most that much training (0: off)."""
     log_every: int = 50
     """Log the training loss every N optimizer steps."""
     keep_checkpoints: int = 2
@@ -212,7 +216,7 @@ class TrainConfig:
                      "max_train_samples", "max_eval_samples", "max_length", "assume_processes"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{name} must be >= 1 or unset (got {value})")
-        for name in ("eval_every", "save_every", "validation_size", "num_workers", "max_tokens_per_batch",
+        for name in ("eval_every", "save_every", "save_every_minutes", "validation_size", "num_workers",
                      "early_stopping_patience"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
         check(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second (got {self.dist_timeout})")
@@ -304,15 +308,25 @@ ALIASES = {
 }
 
 
-def unknown_key_error(key: str, where: str) -> UserError:
+def closest_key(key: str) -> str | None:
     normalised = key.lower().replace("-", "_")
     if normalised in ALIASES:
-        close = [ALIASES[normalised]]
-    else:
-        close = [ALIASES[a] for a in difflib.get_close_matches(normalised, list(ALIASES), n=1, cutoff=0.8)]
-        close = close or difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FIELD_NAMES)}"
-    return UserError(f"{where}: unknown config key {key!r}{hint}")
+        return ALIASES[normalised]
+    close = [ALIASES[a] for a in difflib.get_close_matches(normalised, list(ALIASES), n=1, cutoff=0.8)]
+    close = close or difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def unknown_key_error(keys: list[str], where: str) -> UserError:
+    """One error for every unknown key, each with the closest valid one."""
+    hints = [(key, closest_key(key)) for key in keys]
+    if len(hints) == 1:
+        key, close = hints[0]
+        hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(FIELD_NAMES)}"
+        return UserError(f"{where}: unknown config key {key!r}{hint}")
+    listed = ", ".join(f"{key!r}" + (f" (did you mean {close!r}?)" if close else "") for key, close in hints)
+    return UserError(f"{where}: unknown config keys {listed}" +
+                     ("" if all(close for _, close in hints) else f"; valid keys: {', '.join(FIELD_NAMES)}"))
 
 
 def _base_type(name: str) -> type:
@@ -389,8 +403,9 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         if "unrecognized arguments" in message:
-            flag = message.split(":", 1)[1].split()[0]
-            raise unknown_key_error(flag.lstrip("-").split("=")[0], "command line")
+            words = message.split(":", 1)[1].split()
+            flags = [word for word in words if word.startswith("-") and word.lstrip("-")[:1].isalpha()]
+            raise unknown_key_error([flag.lstrip("-").split("=")[0] for flag in flags or ["?"]], "command line")
         raise UserError(f"command line: {message}")
 
 
@@ -400,7 +415,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     docs = field_docs()
     for f in fields(TrainConfig):
         kind = _base_type(f.name)
-        help_text = docs.get(f.name, "")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = docs.get(f.name, "") + ("" if default in (None, "", [], {}) else f" [default: {default}]")
+        help_text = help_text.replace("%", "%%")
         if f.name == "resume":
             parser.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, help=help_text)
         elif kind is bool:
@@ -412,21 +429,31 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None, prog: str = "trainer_pkg.train") -> TrainConfig:
+def given_settings(argv: list[str] | None = None, prog: str = "trainer_pkg.train") -> dict[str, Any]:
+    """The settings a user gave: the --config file's keys, overridden by the flags (typed, unvalidated)."""
     parser = build_parser(prog, "Fine-tune a BERT text classifier (defaults: mBERT on full NSMC).")
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
     if config_file:
-        for key, value in load_yaml(config_file).items():
-            if key not in FIELD_NAMES:
-                raise unknown_key_error(key, config_file)
-            values[key] = coerce(key, value, config_file)
+        content = load_yaml(config_file)
+        unknown = [key for key in content if key not in FIELD_NAMES]
+        if unknown:
+            raise unknown_key_error(unknown, config_file)
+        values.update({key: coerce(key, value, config_file) for key, value in content.items()})
     for key, value in args.items():
         values[key] = coerce(key, value, f"--{key}")
+    return values
+
+
+def config_from_settings(values: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def load_config(argv: list[str] | None = None, prog: str = "trainer_pkg.train") -> TrainConfig:
+    return config_from_settings(given_settings(argv, prog))
 
 
 def config_from_file(path: Path) -> TrainConfig:

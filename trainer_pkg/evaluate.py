@@ -6,8 +6,8 @@
 Without --data/--test_file the test data of the run that produced the model is used (its validation
 data when it had no test split). The JSON
 holds the metrics and the report (per-class scores, accuracy by length, calibration, the most
-confidently wrong examples); confusion_matrix.png, reliability.png and training_curves.png are
-written beside it.
+confidently wrong examples); the figures are written beside it, named after it (eval.json ->
+eval_confusion_matrix.png, eval_reliability.png, eval_training_curves.png).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,22 @@ from trainer_pkg.data import (
     DataReport,
     check_and_clean,
     column_values,
+    count_rows_used,
     eval_dataloader,
+    missing_split_error,
     read_table,
+    source_files,
     tokenize,
+    truncation_length,
 )
-from trainer_pkg.data_sources import missing_split_error, source_files
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import metrics_from_outputs, predict_logits
 from trainer_pkg.model import label_names, load_classifier
 from trainer_pkg.report import build_report, show_report, write_figures
+from trainer_pkg.run_dir import CONFIG_FILE, EXPORT_CONFIG_FILE, LOG_FILE
 
-SAVED_CONFIGS = ("run_config.yaml", "training_config.yaml")
+SAVED_CONFIGS = (CONFIG_FILE, EXPORT_CONFIG_FILE)
 
 
 def saved_run_config(model_dir: Path) -> TrainConfig:
@@ -53,8 +58,8 @@ def saved_run_config(model_dir: Path) -> TrainConfig:
 def run_log(model_dir: Path) -> Path | None:
     """The log.jsonl of the run that wrote this export (<run>/model) or checkpoint (<run>/checkpoints/step-N)."""
     for run_dir in (model_dir, model_dir.parent, model_dir.parent.parent):
-        if (run_dir / "log.jsonl").is_file() and (run_dir / "run_config.yaml").is_file():
-            return run_dir / "log.jsonl"
+        if (run_dir / LOG_FILE).is_file() and (run_dir / CONFIG_FILE).is_file():
+            return run_dir / LOG_FILE
     return None
 
 
@@ -81,32 +86,43 @@ def scored_table(config: TrainConfig, report: DataReport, label_hint: str | None
     return table
 
 
+@dataclass
+class ReportOptions:
+    """Where evaluate_and_report writes and what it adds."""
+
+    report_file: Path
+    title: str  # of the console's metrics table
+    log_path: Path | None = None  # the run's log.jsonl, for the training curves
+    texts: Sequence[str] | None = None  # the scored rows' texts; default: scored_table of the config
+    details: dict | None = None  # extra keys for the report (data counts)
+    top_wrong: int = 10
+    progress: str = "evaluate"  # the progress bar's name
+
+
 def evaluate_and_report(accelerator: Accelerator, model, loader, dataset: Dataset, config: TrainConfig,
-                        console: RunConsole, report_file: Path, log_path: Path | None, title: str,
-                        texts: Sequence[str] | None = None, details: dict | None = None,
-                        top_wrong: int = 10, progress: str = "evaluate") -> tuple[dict, dict | None]:
-    """Score a prepared loader over `dataset` (tokenized test rows) and write the report.
+                        console: RunConsole, options: ReportOptions) -> tuple[dict, dict | None]:
+    """Score a prepared loader over `dataset` (tokenized rows) and write the report.
 
     Returns the metrics (every rank) and, on the main process, the full report that was written:
-    metrics, `details`, report sections. `texts` default to the test rows of `config`, read on
-    the main process only. Collective on every rank (the prediction); files on the main one.
+    metrics, details, report sections. Collective on every rank (the prediction); files on the main one.
     """
-    outputs = predict_logits(accelerator, model, loader, console, progress)
+    outputs = predict_logits(accelerator, model, loader, console, options.progress)
     metrics = metrics_from_outputs(outputs, len(config.labels))
     if not accelerator.is_main_process:
         return metrics, None
+    texts = options.texts
     if texts is None:
         texts = column_values(scored_table(config, DataReport()), "text")
     probabilities = torch.softmax(torch.from_numpy(outputs["logits"]).double(), dim=-1).numpy()
     ids = column_values(dataset, "id") if "id" in dataset.column_names else None
     sections = build_report(probabilities, outputs["labels"], config.labels, np.asarray(column_values(dataset, "length")),
-                            texts=texts, ids=ids, top_k=top_wrong)
-    report = {**metrics, **(details or {}), **sections}
-    console.metrics_table(title, metrics)
+                            texts=texts, ids=ids, top_k=options.top_wrong)
+    report = {**metrics, **(options.details or {}), **sections}
+    console.metrics_table(options.title, metrics)
     show_report(console, sections)
-    write_output(report_file, json.dumps(report, indent=2, ensure_ascii=False))
-    figures = write_figures(report, config.labels, report_file.parent, log_path, console)
-    console.print(f"wrote {report_file}" + (f" and {', '.join(f.name for f in figures)}" if figures else ""))
+    write_output(options.report_file, json.dumps(report, indent=2, ensure_ascii=False))
+    figures = write_figures(report, config.labels, options.report_file, options.log_path, console)
+    console.print(f"wrote {options.report_file}" + (f" and {', '.join(f.name for f in figures)}" if figures else ""))
     return metrics, report
 
 
@@ -154,8 +170,8 @@ def main(argv: list[str]) -> int:
         # The labels are the model's: a file with others needs another model, not other flags.
         label_hint = f"the model in {model_dir} knows only these labels: evaluate it on data with the same label set"
         table = scored_table(config, report, label_hint)
-        max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
-        dataset = tokenize(table, tokenizer, max_length, split, report)
+        max_length = truncation_length(run_config, tokenizer)
+        dataset = count_rows_used(tokenize(table, tokenizer, max_length, split, report), split, labels, report)
     report.rows[split] = len(dataset)
     for line in report.lines():
         console.print(line)
@@ -171,9 +187,8 @@ def main(argv: list[str]) -> int:
                    ignored_columns=report.ignored_columns.get(split, []),
                    missing_classes=report.missing_classes.get(split, []))
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
-    _, written = evaluate_and_report(accelerator, model, loader, dataset, config, console, output, run_log(model_dir),
-                                     f"{model_dir} on {source}", texts=column_values(table, "text"), details=details,
-                                     top_wrong=args.top_wrong)
+    _, written = evaluate_and_report(accelerator, model, loader, dataset, config, console, ReportOptions(
+        output, f"{model_dir} on {source}", run_log(model_dir), column_values(table, "text"), details, args.top_wrong))
     if accelerator.is_main_process:
         print_json(written)
     accelerator.end_training()

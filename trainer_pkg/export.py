@@ -19,6 +19,7 @@ from trainer_pkg.checkpoint import apply_umask
 from trainer_pkg.config import ArgParser
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.model import WEIGHT_FILES, load_classifier, load_tokenizer
+from trainer_pkg.run_dir import CONFIG_FILE, EXPORT_CONFIG_FILE, STATE_FILE
 
 DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate's save_state gives DeepSpeed's shards
 
@@ -57,9 +58,9 @@ def main(argv: list[str]) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    for name in ("run_config.yaml", "trainer_state.json"):
+    for name in (CONFIG_FILE, STATE_FILE):
         if (checkpoint / name).is_file():
-            shutil.copy(checkpoint / name, output_dir / ("training_config.yaml" if name == "run_config.yaml" else name))
+            shutil.copy(checkpoint / name, output_dir / (EXPORT_CONFIG_FILE if name == CONFIG_FILE else name))
     apply_umask(output_dir)
     print(f"exported {checkpoint} -> {output_dir}")
     return 0

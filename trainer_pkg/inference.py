@@ -17,8 +17,9 @@ def predict_logits(accelerator: Accelerator, model, dataloader, console: RunCons
     """Logits (and labels, if present) for every row, in the dataset's row order, on every rank.
 
     Each rank runs its shard; gather_for_metrics drops the samples that even batches repeated,
-    so every row is counted exactly once.
+    so every row is counted exactly once. The model's mode is as it was before.
     """
+    was_training = model.training
     model.eval()
     prepared_mask = accepts_prepared_mask(accelerator.unwrap_model(model))
     if console is not None:
@@ -38,7 +39,7 @@ def predict_logits(accelerator: Accelerator, model, dataloader, console: RunCons
             console.advance()
     if console is not None:
         console.stop_progress()
-    model.train()
+    model.train(was_training)
     rows = torch.cat(parts["row"]).cpu().numpy()
     order = np.argsort(rows, kind="stable")
     expected = len(dataloader.dataset)

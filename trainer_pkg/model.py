@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,6 +76,20 @@ def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfi
     return model_config
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Without transformers' warnings and progress bars (loading and saving weights): the run's
+    console says what happened in its own lines."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
+
+
 def shorten(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -107,19 +122,14 @@ def build_model(config: TrainConfig, labels: list[str], say: Callable[[str], Non
             "pass --from_scratch to train from a random initialisation of its config"
         )
     # transformers' own report is a table and a warning per load: one line of ours says the same.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            config.model, config=model_config, attn_implementation="sdpa", ignore_mismatched_sizes=False,
-            output_loading_info=True,
-        )
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                config.model, config=model_config, attn_implementation="sdpa", ignore_mismatched_sizes=False,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, RuntimeError) as error:
         raise _load_error("model weights", config.model, error, "--model") from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        transformers_logging.enable_progress_bar()
     say(loading_summary(config.model, info))
     return model
 

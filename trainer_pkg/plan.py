@@ -14,17 +14,26 @@ and README "Defaults".
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from trainer_pkg.config import (
     DEFAULT_EPOCHS_FROM_SCRATCH,
-    DEFAULT_EPOCHS_PRETRAINED,
     DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
     DEFAULT_GLOBAL_BATCH_PRETRAINED,
+    DEFAULT_MAX_EPOCHS_PRETRAINED,
+    DEFAULT_MIN_STEPS_PRETRAINED,
     TrainConfig,
 )
+from trainer_pkg.console import RunConsole
+from trainer_pkg.data import load_tokenized, resolve_columns_and_labels, train_dataloader
+from trainer_pkg.distributed import launched_processes
 from trainer_pkg.errors import UserError
+from trainer_pkg.model import load_tokenizer
 
 # The most rows one forward pass takes on each device before accumulation splits the batch. On the
 # CPU the arithmetic of a batch dominates and memory is the only limit; on the H100 a BERT-base
@@ -63,7 +72,8 @@ def default_global_batch(config: TrainConfig) -> int:
 
 
 def resolve_batch(config: TrainConfig, device: str, num_processes: int) -> TrainConfig:
-    """The config with the per-device batch, accumulation, learning rate and epochs filled in.
+    """The config with the per-device batch, accumulation and learning rate filled in (the epochs
+    wait for the corpus: resolve_epochs).
 
     - Nothing given: the recipe's global batch, split over the processes, accumulated where one
       pass per device would exceed MICRO_BATCH_LIMIT.
@@ -91,12 +101,22 @@ def resolve_batch(config: TrainConfig, device: str, num_processes: int) -> Train
         per_device = max(1, math.ceil(wanted / (num_processes * accum)))
     global_batch = per_device * num_processes * accum
     lr = config.lr
-    if lr is None and not config.max_tokens_per_batch:
+    if lr is None:
         lr = config.effective_lr * math.sqrt(global_batch / default_global_batch(config))
-    epochs = config.epochs
-    if epochs is None:
-        epochs = DEFAULT_EPOCHS_FROM_SCRATCH if config.from_scratch else DEFAULT_EPOCHS_PRETRAINED
-    return dataclasses.replace(config, per_device_batch_size=per_device, grad_accum=accum, lr=lr, epochs=epochs)
+    return dataclasses.replace(config, per_device_batch_size=per_device, grad_accum=accum, lr=lr)
+
+
+def resolve_epochs(config: TrainConfig, num_batches: int, num_processes: int) -> TrainConfig:
+    """The config with its epochs filled in, once the corpus is loaded: `num_batches` batches per
+    epoch over all processes."""
+    if config.epochs is not None:
+        return config
+    if config.from_scratch:
+        epochs = DEFAULT_EPOCHS_FROM_SCRATCH
+    else:
+        per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
+        epochs = min(DEFAULT_MAX_EPOCHS_PRETRAINED, max(1, math.ceil(DEFAULT_MIN_STEPS_PRETRAINED / per_epoch)))
+    return dataclasses.replace(config, epochs=epochs)
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
@@ -110,13 +130,13 @@ def batches_per_process(num_batches: int, num_processes: int) -> int:
 
 def batch_is_default(config: TrainConfig) -> bool:
     """Whether the global batch is the recipe's (no batch flag given); call before resolve_batch."""
-    return (config.global_batch_size is None and config.per_device_batch_size is None and config.grad_accum is None
-            and not config.max_tokens_per_batch)
+    return config.global_batch_size is None and config.per_device_batch_size is None and config.grad_accum is None
 
 
 def make_plan(config: TrainConfig, device: str, num_processes: int, num_train_rows: int, num_batches: int,
               default_batch: bool = True) -> TrainingPlan:
-    """The plan of a resolved config (resolve_batch) over `num_batches` batches per epoch (all processes).
+    """The plan of a config resolved by resolve_batch and resolve_epochs over `num_batches` batches per
+    epoch (all processes).
 
     `default_batch` (batch_is_default of the config as given) adds the note a small corpus earns."""
     per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
@@ -128,10 +148,7 @@ def make_plan(config: TrainConfig, device: str, num_processes: int, num_train_ro
     if config.per_device_batch_size == 1 and global_batch > default_global_batch(config):
         notes.append(f"more processes ({num_processes}) than rows in the recipe's global batch "
                      f"({default_global_batch(config)}): one row each makes it {global_batch}, and the lr is scaled to it")
-    if config.max_tokens_per_batch:
-        notes.append(f"batches of up to {config.max_tokens_per_batch:,} padded tokens per device: the global batch "
-                     "varies, and the lr is not scaled to it")
-    if device == "cuda" and config.per_device_batch_size < GPU_STARVED_ROWS and not config.max_tokens_per_batch:
+    if device == "cuda" and config.per_device_batch_size < GPU_STARVED_ROWS:
         notes.append(f"{config.per_device_batch_size} rows per GPU per forward pass leaves the GPUs waiting on the host "
                      f"(a step costs about the same up to 512 rows): fewer GPUs finish as fast, or a larger "
                      "--global_batch_size trades some accuracy per epoch for speed")
@@ -149,3 +166,44 @@ def make_plan(config: TrainConfig, device: str, num_processes: int, num_train_ro
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return round(total_steps * warmup_ratio)
+
+
+def this_hardware() -> tuple[str, int]:
+    """The device type and process count of this launch, known before the process group exists."""
+    return ("cuda" if torch.cuda.is_available() else "cpu"), launched_processes()
+
+
+def show_plan(console: RunConsole, plan: TrainingPlan) -> None:
+    console.print(
+        f"plan: {plan.num_train_rows:,} training rows, global batch {plan.global_batch_size} = "
+        f"{plan.per_device_batch_size} rows per pass x {plan.num_processes} x {plan.grad_accum} accumulated "
+        f"({plan.device}); lr {plan.lr:.3g}, {plan.warmup_steps:,} warmup steps; {plan.epochs} epoch(s) "
+        f"of {plan.steps_per_epoch:,} steps, {plan.total_steps:,} in all"
+        + (f"; early stopping after {plan.early_stopping_patience} validations without a better score"
+           if plan.early_stopping_patience else "")
+    )
+    for note in plan.notes:
+        console.print(f"[yellow]{note}")
+
+
+def dry_run(config: TrainConfig) -> dict:
+    """The plan of a run, printed (a table, then one JSON line), without training or a process group."""
+    device, processes = this_hardware()
+    device, processes = config.assume_device or device, config.assume_processes or processes
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    default_batch = batch_is_default(config)
+    config = resolve_batch(resolve_columns_and_labels(config), device, processes)
+    console = RunConsole(enabled=True)
+    tokenizer = load_tokenizer(config.tokenizer_name)
+    splits, report = load_tokenized(config, tokenizer)
+    for line in report.lines():
+        console.print(line)
+    loader = train_dataloader(splits["train"], tokenizer, config)
+    config = resolve_epochs(config, len(loader), processes)
+    plan = make_plan(config, device, processes, len(splits["train"]), len(loader), default_batch)
+    console.metrics_table("plan (dry run: nothing trained)", {k: v for k, v in plan.to_dict().items() if k != "notes"})
+    for note in plan.notes:
+        console.print(f"[yellow]{note}")
+    print(json.dumps(plan.to_dict()), flush=True)
+    return {"dry_run": plan.to_dict()}

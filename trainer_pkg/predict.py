@@ -26,7 +26,7 @@ from datasets import Dataset
 
 from trainer_pkg.config import ArgParser
 from trainer_pkg.console import RunConsole, write_output
-from trainer_pkg.data import DataReport, column_values, eval_dataloader, texts_dataset, tokenize
+from trainer_pkg.data import DataReport, column_values, eval_dataloader, texts_dataset, tokenize, truncation_length
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import saved_run_config
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
     run_config = saved_run_config(Path(args.model_dir))
     text_column = args.text_column or run_config.text_column
     id_column = args.id_column or run_config.id_column
-    max_length = run_config.max_length or min(tokenizer.model_max_length, 512)
+    max_length = truncation_length(run_config, tokenizer)
     accelerator = make_accelerator(args.mixed_precision)
     # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
     # rank that finished first.

@@ -273,19 +273,25 @@ def plot_training_curves(pyplot, records: list[dict], path: Path) -> bool:
     return True
 
 
-def write_figures(metrics: dict, names: list[str], directory: Path, log_path: Path | None,
+def figure_paths(report_file: Path) -> list[Path]:
+    """The figures beside a report, named after it (two reports in one folder keep their own):
+    eval.json -> eval_confusion_matrix.png, eval_reliability.png, eval_training_curves.png."""
+    return [report_file.with_name(f"{report_file.stem}_{name}") for name in FIGURES]
+
+
+def write_figures(metrics: dict, names: list[str], report_file: Path, log_path: Path | None,
                   console: RunConsole) -> list[Path]:
-    """confusion_matrix.png, reliability.png and (with a training log) training_curves.png."""
+    """The confusion matrix, the reliability diagram and (with a training log) the training curves,
+    at figure_paths(report_file)."""
     pyplot = _pyplot()
     if pyplot is None:
         console.print(f"figures skipped: matplotlib is not installed ({INSTALL_HINT})")
         return []
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [directory / FIGURES[0], directory / FIGURES[1]]
-    plot_confusion_matrix(pyplot, metrics["confusion_matrix"], names, written[0])
-    plot_reliability(pyplot, metrics["calibration"], len(names), written[1])
-    if log_path is not None and log_path.is_file():
-        curves = directory / FIGURES[2]
-        if plot_training_curves(pyplot, read_log(log_path), curves):
-            written.append(curves)
+    report_file.parent.mkdir(parents=True, exist_ok=True)
+    confusion, reliability, curves = figure_paths(report_file)
+    plot_confusion_matrix(pyplot, metrics["confusion_matrix"], names, confusion)
+    plot_reliability(pyplot, metrics["calibration"], len(names), reliability)
+    written = [confusion, reliability]
+    if log_path is not None and log_path.is_file() and plot_training_curves(pyplot, read_log(log_path), curves):
+        written.append(curves)
     return written

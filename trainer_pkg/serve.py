@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from trainer_pkg.config import ArgParser
+from trainer_pkg.data import truncation_length
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import saved_run_config
 from trainer_pkg.model import label_names, load_classifier
@@ -43,7 +44,7 @@ class Classifier:
         self.labels = label_names(self.model)
         run_config = saved_run_config(Path(model_dir))
         # The same truncation as training, evaluate and predict, so all four agree on long texts.
-        self.max_length = run_config.max_length or min(self.tokenizer.model_max_length, 512)
+        self.max_length = truncation_length(run_config, self.tokenizer)
         self.batch_size = batch_size
         # Threads share one model: forward passes in turn keep memory bounded and results exact.
         self.lock = threading.Lock()

@@ -16,8 +16,8 @@ from accelerate import Accelerator
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
+from trainer_pkg.run_dir import LOG_FILE
 
-TENSORBOARD_DIR = "tensorboard"
 PROJECT = "trainer_pkg"
 # Accelerate's TensorBoard tracker writes through torch.utils.tensorboard, which needs this package.
 REQUIRED_MODULE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -61,6 +61,18 @@ def tracker_config(config: TrainConfig) -> dict[str, str | int | float | bool]:
             value = ""
         flat[key] = value
     return flat
+
+
+def tracking_line(trackers: list[str], config: TrainConfig, tensorboard_dir: Path) -> str:
+    """Where the run's numbers go, in one line: every record is in log.jsonl whatever the trackers."""
+    log = Path(config.output_dir) / LOG_FILE
+    if not trackers:
+        why = ("--report_to none" if "none" in config.report_to else
+               "--report_to auto found no TensorBoard (pip install 'trainer_pkg[tracking]')")
+        return f"tracking: {why}; the numbers are in {log}"
+    where = {"tensorboard": f"TensorBoard in {tensorboard_dir} (tensorboard --logdir {tensorboard_dir})",
+             "wandb": "Weights & Biases", "mlflow": "MLflow"}
+    return f"tracking: {', '.join(where[name] for name in trackers)}; and {log}"
 
 
 def start_tracking(accelerator: Accelerator, config: TrainConfig) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
+
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
 
@@ -80,3 +82,28 @@ def source_files(config: TrainConfig) -> dict[str, str]:
     else:
         sources = {split: f"hub:{data}" for split in ("train", "test")}
     return {**sources, **explicit}
+
+
+def is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://", "hub:"))
+
+
+def offline_hint(source: str) -> str:
+    return f"cannot download {source.removeprefix('hub:')} (no network or hub unreachable): {LOCAL_DATA_HINT}"
+
+
+def download_cached(source: str, cache_dir: str | None) -> bool:
+    """Whether a previous run already downloaded this URL (datasets then works offline)."""
+    if source.startswith("hub:"):
+        return False
+    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    downloads = root / "downloads"
+    if not downloads.is_dir():
+        return False
+    return any(source in meta.read_text(errors="ignore") for meta in downloads.glob("*.json"))
+
+
+LOCAL_DATA_HINT = (
+    "pass --data DIR (a directory of train/validation/test files, or NSMC's ratings_train.txt and "
+    "ratings_test.txt) or --train_file/--test_file with local files"
+)
