@@ -25,6 +25,8 @@ from trainer_pkg.config import (
 )
 from trainer_pkg.errors import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -32,6 +32,8 @@ from trainer_pkg.data import (
 )
 from trainer_pkg.errors import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 N_TRAIN, N_TEST, N_VALID = 200, 60, 40
 
 

@@ -28,6 +28,7 @@ def read_labels(path):
     return rows[1:]
 
 
+@pytest.mark.fast
 def test_train_writes_checkpoints_log_and_export(trained):
     output_dir, result = trained
     checkpoints = output_dir / "checkpoints"

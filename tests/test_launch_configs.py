@@ -16,6 +16,8 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 OWNED_BY_TRAINER_PKG = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",

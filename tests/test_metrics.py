@@ -11,6 +11,8 @@ from sklearn import metrics as sk
 
 from trainer_pkg.metrics import classification_metrics
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 REL = 1e-12
 
 

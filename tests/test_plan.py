@@ -21,6 +21,8 @@ from trainer_pkg.config import (
 from trainer_pkg.errors import UserError
 from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, resolve_batch, resolve_epochs
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 def global_batch(config, processes: int) -> int:
     return config.per_device_batch_size * processes * config.grad_accum

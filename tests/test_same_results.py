@@ -8,6 +8,8 @@ import copy
 import pytest
 from same_results import PROBABILITY_TOLERANCE, assert_same_results
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 REPORT = {
     "accuracy": 0.75, "f1": 0.8, "confusion_matrix": [[3, 1], [1, 4]], "num_samples": 9, "loss": 0.5123456789,
     "per_class": [{"label": "neg", "precision": 0.75, "support": 4}],

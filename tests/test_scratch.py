@@ -13,6 +13,8 @@ from trainer_pkg.config import load_config
 from trainer_pkg.model import build_model, build_optimizer
 from trainer_pkg.scratch import init_local_attention
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 def scratch_config(tiny_model, *extra):
     return load_config(["--model", str(tiny_model), "--from_scratch", *extra])

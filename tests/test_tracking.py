@@ -62,7 +62,7 @@ def test_the_run_says_where_its_numbers_go(tmp_path):
     tensorboard_dir = tmp_path / "run" / "tensorboard"
     auto = TrainConfig(report_to=["auto"], output_dir=str(tmp_path / "run"))
     assert tracking_line([], auto, tensorboard_dir) == (
-        "tracking: --report_to auto found no TensorBoard (pip install 'trainer_pkg[tracking]'); the numbers are in "
+        "tracking: --report_to auto found no TensorBoard (pip install tensorboard); the numbers are in "
         f"{tmp_path / 'run' / 'log.jsonl'}")
     assert "--report_to none" in tracking_line([], TrainConfig(report_to=["none"]), tensorboard_dir)
     assert f"TensorBoard in {tensorboard_dir} (tensorboard --logdir {tensorboard_dir})" in tracking_line(

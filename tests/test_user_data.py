@@ -15,6 +15,8 @@ from trainer_pkg.config import TrainConfig
 from trainer_pkg.data import label_ids, load_tokenized, resolve_columns_and_labels, source_files
 from trainer_pkg.errors import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):

@@ -68,7 +68,7 @@ def tracking_line(trackers: list[str], config: TrainConfig, tensorboard_dir: Pat
     log = Path(config.output_dir) / LOG_FILE
     if not trackers:
         why = ("--report_to none" if "none" in config.report_to else
-               "--report_to auto found no TensorBoard (pip install 'trainer_pkg[tracking]')")
+               "--report_to auto found no TensorBoard (pip install tensorboard)")
         return f"tracking: {why}; the numbers are in {log}"
     where = {"tensorboard": f"TensorBoard in {tensorboard_dir} (tensorboard --logdir {tensorboard_dir})",
              "wandb": "Weights & Biases", "mlflow": "MLflow"}

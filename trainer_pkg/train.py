@@ -120,10 +120,11 @@ def start(config: TrainConfig, settings: dict | None,
     console.rule(f"trainer_pkg: {config.model} -> {config.output_dir}")
     console.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
                   f"precision {accelerator.mixed_precision}, lr {config.effective_lr:g}")
-    console.print(tracking_line(trackers, config, tensorboard_dir))
+    # Plain text: rich would take "[tracking]" or a list's brackets for markup.
+    console.print(tracking_line(trackers, config, tensorboard_dir), markup=False)
     if changes:
-        console.print("[yellow]--resume continues the saved run with " + ", ".join(
-            f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()))
+        console.print("--resume continues the saved run with " + ", ".join(
+            f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()), markup=False, style="yellow")
     return config, accelerator, console, stop, resume_from
 
 
