@@ -163,7 +163,6 @@ def test_load_tokenized_splits_and_row_counts(tmp_path, nsmc, tok):
     assert report.tokenized_from_cache == {"train": False, "test": False}
     for split in splits.values():
         assert {"input_ids", "attention_mask", "labels", "length", "id"} <= set(split.column_names)
-        assert "text" not in split.column_names
         assert split["length"] == [len(ids) for ids in split["input_ids"]]
 
     # Labels and ids are carried through: every row matches the file by id.
@@ -172,6 +171,7 @@ def test_load_tokenized_splits_and_row_counts(tmp_path, nsmc, tok):
         for row in splits[split]:
             text, label = written[row["id"]]
             assert row["labels"] == label
+            assert row["text"] == text  # kept for the report's examples
             assert row["input_ids"] == tok(text)["input_ids"]
     test_written = {row[0]: int(row[2]) for row in raw_rows(nsmc / "ratings_test.txt")[1:]}
     assert dict(zip(splits["test"]["id"], splits["test"]["labels"])) == test_written

@@ -53,7 +53,7 @@ def test_a_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tiny_nsmc, cac
         assert (other["num_processes"], other["device"]) == (processes, "cuda")
         assert (other["global_batch_size"], other["per_device_batch_size"], other["lr"]) == (64, per_device, plan["lr"])
         assert other["total_steps"] == plan["total_steps"]
-        assert any("rows per GPU" in note for note in other["notes"])
+        assert any("per GPU per forward pass" in note for note in other["notes"])
     accumulated = dry_run(cache_env, *default_batch_args(tiny_model, tiny_nsmc, output_dir, "--global_batch_size", "256"))
     assert (accumulated["per_device_batch_size"], accumulated["grad_accum"]) == (64, 4)
 

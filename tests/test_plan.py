@@ -19,7 +19,7 @@ from trainer_pkg.config import (
     load_config,
 )
 from trainer_pkg.errors import UserError
-from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, resolve_batch, resolve_epochs
+from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, pretrained_lr, resolve_batch, resolve_epochs
 
 pytestmark = pytest.mark.fast  # make test-fast
 
@@ -71,6 +71,24 @@ def test_explicit_per_device_batch_keeps_its_classic_meaning_and_explicit_lr_win
     assert (again.per_device_batch_size, again.grad_accum, again.lr) == (16, 8, pytest.approx(resolved.lr))
 
 
+def test_the_pretrained_lr_follows_the_encoder_width_within_bounds(tiny_model):
+    from trainer_pkg.model import encoder_width
+
+    assert pretrained_lr(768) == DEFAULT_LR_PRETRAINED  # BERT-base, the reference job
+    assert pretrained_lr(384) == pytest.approx(2 * DEFAULT_LR_PRETRAINED)  # MiniLM, measured
+    assert pretrained_lr(1024) == pytest.approx(DEFAULT_LR_PRETRAINED * 768 / 1024)
+    assert pretrained_lr(128) == pretrained_lr(384) and pretrained_lr(4096) == pretrained_lr(1536)  # not extrapolated
+    assert pretrained_lr(None) == DEFAULT_LR_PRETRAINED
+    # The width is read from the model's config; the sqrt rule applies on top; --lr and --from_scratch ignore it.
+    config = load_config(["--model", str(tiny_model), "--global_batch_size", "128"])
+    assert encoder_width(config) == 32
+    resolved = resolve_batch(config, "cpu", 1, encoder_width(config))
+    assert resolved.lr == pytest.approx(pretrained_lr(32) * math.sqrt(128 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
+    assert encoder_width(load_config(["--model", str(tiny_model), "--lr", "1e-5"])) is None
+    assert encoder_width(load_config(["--model", str(tiny_model), "--from_scratch"])) is None
+    assert resolve_batch(load_config(["--from_scratch"]), "cpu", 1, 384).lr == DEFAULT_LR_FROM_SCRATCH
+
+
 def test_contradictory_batch_flags_are_refused_in_one_line():
     contradiction = r"--global_batch_size 100 is not --per_device_batch_size 8 x 2 processes x --grad_accum 4"
     with pytest.raises(UserError, match=contradiction):
@@ -106,9 +124,9 @@ def test_the_plan_counts_steps_as_accelerate_shards_batches_and_says_when_gpus_s
     assert plan.steps_per_epoch == math.ceil(250 / 8)
     assert plan.total_steps == plan.steps_per_epoch * DEFAULT_MAX_EPOCHS_PRETRAINED
     assert plan.warmup_steps == round(plan.total_steps * 0.06)
-    assert any("rows per GPU" in note for note in plan.notes)
+    assert any("per GPU per forward pass" in note for note in plan.notes)
     on_cpu = resolve_epochs(resolve_batch(load_config([]), "cpu", 1), 32, 1)
-    assert not any("rows per GPU" in note for note in make_plan(on_cpu, "cpu", 1, 1000, 32).notes)
+    assert not any("per GPU per forward pass" in note for note in make_plan(on_cpu, "cpu", 1, 1000, 32).notes)
     capped = make_plan(resolve_epochs(resolve_batch(load_config(["--max_steps", "5"]), "cpu", 1), 32, 1),
                        "cpu", 1, 1000, 32)
     assert capped.total_steps == 5

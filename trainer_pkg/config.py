@@ -30,6 +30,8 @@ DEFAULT_MODEL = "google-bert/bert-base-multilingual-uncased"
 # (trainer_pkg/plan.py); the lr is scaled by sqrt(global batch / the recipe's) for other batches.
 DEFAULT_GLOBAL_BATCH_PRETRAINED = 32
 DEFAULT_LR_PRETRAINED = 5e-5
+# ... at BERT-base's width; other widths scale it (plan.pretrained_lr).
+PRETRAINED_LR_WIDTH = 768
 # Pretrained runs take enough epochs for this many optimizer steps, within 1..3 epochs: one epoch of
 # a large corpus (full SST-2: 2,105 steps), more of a small one, whose single epoch is too few steps
 # for the new classifier head (docs/pretrained.md "Epochs").
@@ -107,8 +109,9 @@ class TrainConfig:
     """Stop training after this many validations in a row without a better --metric_for_best (0: off);
     the best checkpoint is exported either way."""
     lr: float | None = None
-    """Peak learning rate; default 5e-5 for pretrained weights at their default global batch of 32,
-    1e-3 with --from_scratch at 64, scaled by sqrt(global batch / default) for other global batches."""
+    """Peak learning rate; default for pretrained weights 5e-5 x 768 / the encoder's hidden size (within
+    2.5e-5..1e-4: 5e-5 for BERT-base, 1e-4 for MiniLM's 384) at their default global batch of 32, 1e-3
+    with --from_scratch at 64; scaled by sqrt(global batch / default) for other global batches."""
     attention_lr_scale: float | None = None
     """Learning-rate multiplier for the position embeddings and attention query/key weights; default 1
     for pretrained weights, 0.03 with --from_scratch (see trainer_pkg/scratch.py)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +24,7 @@ from datasets import Dataset
 
 from trainer_pkg.config import ArgParser, TrainConfig, config_from_file
 from trainer_pkg.console import RunConsole, print_json, write_output
-from trainer_pkg.data import (
-    DataReport,
-    check_and_clean,
-    column_values,
-    count_rows_used,
-    eval_dataloader,
-    missing_split_error,
-    read_table,
-    source_files,
-    tokenize,
-    truncation_length,
-)
+from trainer_pkg.data import column_values, eval_dataloader, load_tokenized, missing_split_error, source_files
 from trainer_pkg.distributed import make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import metrics_from_outputs, predict_logits
@@ -68,24 +56,6 @@ def scored_split(config: TrainConfig) -> str:
     return "test" if "test" in source_files(config) else "validation"
 
 
-def scored_table(config: TrainConfig, report: DataReport, label_hint: str | None = None) -> Dataset:
-    """The checked rows of scored_split (texts, label ids, ids), in order, as training and evaluation score them."""
-    sources = source_files(config)
-    split = scored_split(config)
-    hint = {} if label_hint is None else {"label_hint": label_hint}
-    if split in sources:
-        table = check_and_clean(read_table(sources[split], split, config.cache_dir, report), sources[split], config,
-                                split, report, **hint)
-    else:
-        # Carved from train exactly as load_tokenized carves it: the same rows for the same seed and size.
-        train = check_and_clean(read_table(sources["train"], "train", config.cache_dir, DataReport()), sources["train"],
-                                config, "train", DataReport(), **hint)
-        table = train.train_test_split(test_size=config.validation_size, seed=config.seed, shuffle=True)["test"]
-    if config.max_eval_samples:
-        table = table.select(range(min(config.max_eval_samples, len(table))))
-    return table
-
-
 @dataclass
 class ReportOptions:
     """Where evaluate_and_report writes and what it adds."""
@@ -93,7 +63,6 @@ class ReportOptions:
     report_file: Path
     title: str  # of the console's metrics table
     log_path: Path | None = None  # the run's log.jsonl, for the training curves
-    texts: Sequence[str] | None = None  # the scored rows' texts; default: scored_table of the config
     details: dict | None = None  # extra keys for the report (data counts)
     top_wrong: int = 10
     progress: str = "evaluate"  # the progress bar's name
@@ -101,7 +70,7 @@ class ReportOptions:
 
 def evaluate_and_report(accelerator: Accelerator, model, loader, dataset: Dataset, config: TrainConfig,
                         console: RunConsole, options: ReportOptions) -> tuple[dict, dict | None]:
-    """Score a prepared loader over `dataset` (tokenized rows) and write the report.
+    """Score a prepared loader over `dataset` (tokenized rows with their texts) and write the report.
 
     Returns the metrics (every rank) and, on the main process, the full report that was written:
     metrics, details, report sections. Collective on every rank (the prediction); files on the main one.
@@ -110,13 +79,10 @@ def evaluate_and_report(accelerator: Accelerator, model, loader, dataset: Datase
     metrics = metrics_from_outputs(outputs, len(config.labels))
     if not accelerator.is_main_process:
         return metrics, None
-    texts = options.texts
-    if texts is None:
-        texts = column_values(scored_table(config, DataReport()), "text")
     probabilities = torch.softmax(torch.from_numpy(outputs["logits"]).double(), dim=-1).numpy()
     ids = column_values(dataset, "id") if "id" in dataset.column_names else None
     sections = build_report(probabilities, outputs["labels"], config.labels, np.asarray(column_values(dataset, "length")),
-                            texts=texts, ids=ids, top_k=options.top_wrong)
+                            texts=column_values(dataset, "text"), ids=ids, top_k=options.top_wrong)
     report = {**metrics, **(options.details or {}), **sections}
     console.metrics_table(options.title, metrics)
     show_report(console, sections)
@@ -165,14 +131,11 @@ def main(argv: list[str]) -> int:
 
     accelerator = make_accelerator(args.mixed_precision)
     console = RunConsole(enabled=accelerator.is_main_process)
-    report = DataReport()
     with accelerator.main_process_first():
         # The labels are the model's: a file with others needs another model, not other flags.
         label_hint = f"the model in {model_dir} knows only these labels: evaluate it on data with the same label set"
-        table = scored_table(config, report, label_hint)
-        max_length = truncation_length(run_config, tokenizer)
-        dataset = count_rows_used(tokenize(table, tokenizer, max_length, split, report), split, labels, report)
-    report.rows[split] = len(dataset)
+        splits, report = load_tokenized(config, tokenizer, (split,), label_hint)
+    dataset = splits[split]
     for line in report.lines():
         console.print(line)
     loader = eval_dataloader(dataset, tokenizer, args.batch_size)
@@ -188,7 +151,7 @@ def main(argv: list[str]) -> int:
                    missing_classes=report.missing_classes.get(split, []))
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
     _, written = evaluate_and_report(accelerator, model, loader, dataset, config, console, ReportOptions(
-        output, f"{model_dir} on {source}", run_log(model_dir), column_values(table, "text"), details, args.top_wrong))
+        output, f"{model_dir} on {source}", run_log(model_dir), details, args.top_wrong))
     if accelerator.is_main_process:
         print_json(written)
     accelerator.end_training()

@@ -57,7 +57,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise _load_error("the tokenizer", name, error, "--tokenizer/--model") from None
 
 
-def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfig:
+def base_model_config(config: TrainConfig) -> PretrainedConfig:
+    """The model's config.json with --model_overrides applied."""
     _require_local_or_hub("the model", config.model, "--model")
     try:
         model_config = AutoConfig.from_pretrained(config.model)
@@ -67,6 +68,19 @@ def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfi
         if not hasattr(model_config, key):
             raise UserError(f"--model_overrides: {type(model_config).__name__} has no field {key!r}")
         setattr(model_config, key, value)
+    return model_config
+
+
+def encoder_width(config: TrainConfig) -> int | None:
+    """The pretrained encoder's hidden size, which sets the default lr (plan.pretrained_lr); None
+    where the default lr does not depend on it (--lr given, or --from_scratch)."""
+    if config.lr is not None or config.from_scratch:
+        return None
+    return getattr(base_model_config(config), "hidden_size", None)
+
+
+def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfig:
+    model_config = base_model_config(config)
     if config.from_scratch:
         scratch_model_config(model_config, config.model_overrides)
     model_config.num_labels = len(labels)

@@ -40,7 +40,7 @@ from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import ReportOptions, evaluate_and_report
 from trainer_pkg.inference import evaluate_dataloader
 from trainer_pkg.loop import TrainMeter, TrainStep
-from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, build_scheduler, load_tokenizer
+from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, build_scheduler, encoder_width, load_tokenizer
 from trainer_pkg.plan import (
     TrainingPlan,
     batch_is_default,
@@ -98,7 +98,7 @@ def start(config: TrainConfig, settings: dict | None,
           changes: dict) -> tuple[TrainConfig, object, RunConsole, StopRequest, Path | None]:
     """The accelerator, the console and the output directory; the checkpoint to resume from."""
     device, processes = this_hardware()
-    config = resolve_batch(config, device, processes)
+    config = resolve_batch(config, device, processes, encoder_width(config))
     trackers, tensorboard_dir = resolve_trackers(config.report_to), Path(config.output_dir) / TENSORBOARD_DIR
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout, trackers,
                                    str(tensorboard_dir))

@@ -13,7 +13,7 @@ from trainer_pkg.config import TrainConfig
 from trainer_pkg.data.report import DataReport
 
 # Bump when the tokenized layout changes, so stale caches are not reused.
-TOKENIZED_FORMAT_VERSION = 2
+TOKENIZED_FORMAT_VERSION = 3
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase):
@@ -36,8 +36,8 @@ def truncation_length(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -
 def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str, report: DataReport) -> Dataset:
     """Tokenize once (batched, fast tokenizer) and cache on disk under a content fingerprint.
 
-    Each row keeps whether its text was empty and whether it was cut, for count_rows_used to count
-    once the rows a run uses are chosen."""
+    Each row keeps its text (the report quotes it) and whether it was empty or cut, for
+    count_rows_used to count once the rows a run uses are chosen."""
     # An explicit fingerprint: hashing the tokenizer object is unstable between runs (its
     # truncation state changes after the first call), which would defeat the cache.
     fingerprint = Hasher.hash([table._fingerprint, tokenizer_identity(tokenizer), max_length, TOKENIZED_FORMAT_VERSION])
@@ -55,7 +55,7 @@ def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
         encoded["empty_text"] = [not text.strip() for text in batch["text"]]
         return encoded
 
-    return table.map(encode, batched=True, batch_size=2000, new_fingerprint=fingerprint, remove_columns=["text"])
+    return table.map(encode, batched=True, batch_size=2000, new_fingerprint=fingerprint)
 
 
 def count_rows_used(dataset: Dataset, split: str, labels: list[str], report: DataReport) -> Dataset:
