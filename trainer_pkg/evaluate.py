@@ -25,7 +25,7 @@ from datasets import Dataset
 from trainer_pkg.config import ArgParser, TrainConfig, config_from_file
 from trainer_pkg.console import RunConsole, print_json, write_output
 from trainer_pkg.data import column_values, eval_dataloader, load_tokenized, missing_split_error, source_files
-from trainer_pkg.distributed import make_accelerator
+from trainer_pkg.distributed import end_processes, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.inference import metrics_from_outputs, predict_logits
 from trainer_pkg.model import label_names, load_classifier
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
         output, f"{model_dir} on {source}", run_log(model_dir), details, args.top_wrong))
     if accelerator.is_main_process:
         print_json(written)
-    accelerator.end_training()
+    end_processes(accelerator)
     return 0
 
 

@@ -27,7 +27,7 @@ from datasets import Dataset
 from trainer_pkg.config import ArgParser
 from trainer_pkg.console import RunConsole, write_output
 from trainer_pkg.data import DataReport, column_values, eval_dataloader, texts_dataset, tokenize, truncation_length
-from trainer_pkg.distributed import make_accelerator
+from trainer_pkg.distributed import end_processes, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import saved_run_config
 from trainer_pkg.inference import predict_logits
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
             output.flush()
         if output is not sys.stdout:
             output.close()
-        accelerator.end_training()
+        end_processes(accelerator)
         return 0
 
     console = RunConsole(enabled=accelerator.is_main_process and args.output is not None)
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
             console.print(f"wrote {len(rows):,} predictions to {args.output}")
         else:
             sys.stdout.write(text)
-    accelerator.end_training()
+    end_processes(accelerator)
     return 0
 
 

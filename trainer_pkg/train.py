@@ -35,7 +35,7 @@ from trainer_pkg.checkpoint import export_model, load_checkpoint, save_checkpoin
 from trainer_pkg.config import TrainConfig, config_from_settings, given_settings
 from trainer_pkg.console import JsonlLog, RunConsole
 from trainer_pkg.data import DataReport, eval_dataloader, load_tokenized, resolve_columns_and_labels, train_dataloader
-from trainer_pkg.distributed import fill_deepspeed_config, make_accelerator
+from trainer_pkg.distributed import end_processes, fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import ReportOptions, evaluate_and_report
 from trainer_pkg.inference import evaluate_dataloader
@@ -356,12 +356,12 @@ def run(config: TrainConfig, settings: dict | None = None, changes: dict | None 
         return dry_run(config)
     training = setup(config, settings, changes)
     if fit(training):
-        training.accelerator.end_training()
+        end_processes(training.accelerator)
         return {"preempted": True, "step": training.state.optimizer_steps}
     # Past the last step, finishing (evaluation, export) beats being requeued.
     training.stop.uninstall()
     summary = finish(training)
-    training.accelerator.end_training()
+    end_processes(training.accelerator)
     return summary
 
 
