@@ -49,11 +49,12 @@ train: install
 	$(BIN)/python -m trainer_pkg.train $(TRAIN_ARGS) --output_dir $(OUTPUT_DIR)
 	$(BIN)/python -m trainer_pkg.evaluate $(OUTPUT_DIR)/model
 
-# Two workers, one test file each at a time (a file's fixtures are built once): most runs use one
-# thread per process, so one worker alone leaves a core idle. TEST_WORKERS=0 runs in one process.
+# Two workers, one test file each at a time (a file's fixtures are built once), the longest files
+# first (tests/conftest.py): most runs use one thread per process, so one worker alone leaves a
+# core idle. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The inner loop: the tests marked fast (173 tests, about 1.5 minutes on the 2-core build machine).
 test-fast: $(VENV)/.installed-test

@@ -18,6 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRAINER_PKG_SHARED", REPO.parent / "shared"))
 
 
+# The longest files (fresh-clone CI, two workers), first: under `make test` each worker takes a
+# file at a time, so the short files fill the end instead of one long file running alone.
+LONGEST_FILES = ("test_launch_matrix.py", "test_distributed.py", "test_pretrained.py", "test_bad_data.py",
+                 "test_resume.py", "test_shared.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+
+
 @pytest.fixture(scope="session")
 def cache_env(tmp_path_factory) -> dict[str, str]:
     """Environment for subprocesses: offline, private datasets cache, no GPU noise."""

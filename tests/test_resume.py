@@ -186,16 +186,17 @@ def test_resume_refuses_other_data_naming_the_key_and_says_what_changes(tiny_run
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, tiny_model, tiny_nsmc, cache_env):
-    output_dir = tmp_path / "run"
-    # Evaluations of single rows are slow enough that the second signal comes before the next step.
+    output_dir, run_log = tmp_path / "run", tmp_path / "run.log"
+    # A validation of 1,000 single rows after every step: the first Ctrl-C is acted on at the next
+    # step, seconds away, so the second (sent once the first was seen) comes before the checkpoint.
     process = start(tiny_train_args(tiny_model, tiny_nsmc, output_dir, *EXTRA, "--eval_every", "1",
-                                    "--eval_batch_size", "1"), cache_env, tmp_path / "run.log")
+                                    "--eval_batch_size", "1", "--validation_size", "1000"), cache_env, run_log)
     wait_until(process, lambda: log_records(output_dir, "train"))
     process.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    wait_until(process, lambda: "Ctrl-C: saving a checkpoint" in run_log.read_text())
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
-    assert (tmp_path / "run.log").read_text().strip().splitlines()[-1] == "interrupted"
+    assert run_log.read_text().strip().splitlines()[-1] == "interrupted"
 
 
 def test_checkpoints_by_the_clock_survive_a_kill_mid_epoch(reference, tmp_path, tiny_model, tiny_nsmc, cache_env):

@@ -80,7 +80,8 @@ def pretrained_lr(width: int | None) -> float:
     BERT-base's 5e-5 at width 768 (the reference job), scaled by 768 / width: a narrower encoder
     takes a larger step. Measured on all-MiniLM-L6-v2 (width 384) on full SST-2, where 1e-4 beat
     5e-5 by a point at every validation of the second half of the epoch (docs/pretrained.md).
-    Bounded to 0.5x..2x, the range between the two measured or standard points, not extrapolated.
+    Bounded to 0.5x..2x: the rule rests on two points, 768 (BERT's published value) and 384 (the
+    measurement), so far outside them it is not extrapolated.
     """
     scale = PRETRAINED_LR_WIDTH / width if width else 1.0
     return DEFAULT_LR_PRETRAINED * min(2.0, max(0.5, scale))
