@@ -63,7 +63,8 @@ def cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
                    f"({reason[:160]}); it died or hung (--dist_timeout bounds the wait): see its output, fix the cause "
                    "and --resume from the last checkpoint")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # On a line of its own: the interrupt may have cut a progress line short.
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 
