@@ -138,10 +138,8 @@ def fill_deepspeed_config(accelerator: Accelerator, max_grad_norm: float) -> Non
 def end_processes(accelerator: Accelerator) -> None:
     """Tear the process group down on every rank at once, after the main process has written its files.
 
-    A rank that finished first used to tear down its gloo group and exit while the main process
-    was still writing the report; one such exit aborted (SIGABRT at teardown), and the launcher
-    then killed the main process in the middle of its report. After the barrier nobody's work
-    is left to lose, and the ranks leave together.
+    A rank that leaves early can fail in its teardown, and the launcher then kills the ranks still
+    working: the barrier keeps the main process's report from being cut off (docs/distributed.md).
     """
     accelerator.wait_for_everyone()
     accelerator.end_training()
