@@ -17,6 +17,12 @@ def dry_run(env, *args) -> dict:
     result = run_module("trainer_pkg.train", *args, "--dry_run", env=env)
     plan = json.loads(result.stdout.strip().splitlines()[-1])
     assert PLAN_KEYS <= set(plan), set(plan)
+    # The table a person reads shows the same plan, a row per setting.
+    rows = {line.strip("│┃ ").split()[0]: line for line in result.stderr.splitlines() if line.startswith("│")}
+    for key in PLAN_KEYS:
+        assert key in rows, result.stderr
+        if isinstance(plan[key], int):
+            assert f"{plan[key]:,}" in rows[key], rows[key]
     return plan
 
 

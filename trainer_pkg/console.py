@@ -62,16 +62,23 @@ class RunConsole:
             self.progress = None
 
     def metrics_table(self, title: str, metrics: dict) -> None:
+        self.table(title, {name: metrics[name] for name in SHOWN_METRICS if name in metrics}, heading="metric")
+
+    def table(self, title: str, values: dict, heading: str = "setting") -> None:
         if not self.enabled:
             return
         table = Table(title=title, title_justify="left")
-        table.add_column("metric")
+        table.add_column(heading)
         table.add_column("value", justify="right")
-        for name in SHOWN_METRICS:
-            if name in metrics:
-                value = metrics[name]
-                table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+        for name, value in values.items():
+            table.add_row(name, formatted(value))
         self.console.print(table)
+
+
+def formatted(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if abs(value) < 1e-2 else f"{value:.4f}"
 
 
 class JsonlLog:

@@ -221,7 +221,7 @@ def dry_run(config: TrainConfig) -> dict:
     loader = train_dataloader(splits["train"], tokenizer, config)
     config = resolve_epochs(config, len(loader), processes)
     plan = make_plan(config, device, processes, len(splits["train"]), len(loader), default_batch)
-    console.metrics_table("plan (dry run: nothing trained)", {k: v for k, v in plan.to_dict().items() if k != "notes"})
+    console.table("plan (dry run: nothing trained)", {k: v for k, v in plan.to_dict().items() if k != "notes"})
     for note in plan.notes:
         console.print(f"[yellow]{note}")
     print(json.dumps(plan.to_dict()), flush=True)
