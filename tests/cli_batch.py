@@ -1,6 +1,7 @@
 """Run many trainer_pkg command lines as separate processes while paying for the imports once.
 
     python tests/cli_batch.py JOBS.json RESULTS.json
+    python tests/cli_batch.py --serve      (one JSON job a line on stdin, one result a line back)
 
 JOBS.json is a list of {"name", "module", "args", "cwd"}. This process imports torch,
 transformers, datasets and trainer_pkg once (about 5 s), then forks one child per job. The child
@@ -9,7 +10,8 @@ its own sys.argv, stdout and stderr go to files, and its exit status is the comm
 uncaught exception prints its traceback and exits 1, as the interpreter would). Forty cold starts
 would cost minutes of the suite's time; forty forks cost seconds.
 
-RESULTS.json maps each name to {"returncode", "stdout", "stderr", "seconds"}.
+RESULTS.json maps each name to {"returncode", "stdout", "stderr", "seconds", "timed_out"}; a job
+may carry its own "timeout" (seconds, default 120).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def run_child(job: dict, stdout_path: Path, stderr_path: Path) -> None:
     code = 1
     try:
         os.chdir(job.get("cwd") or os.getcwd())
+        # Never the server's stdin: that is where its jobs come from.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
         for fd, path in ((1, stdout_path), (2, stderr_path)):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
@@ -56,7 +62,7 @@ def run_child(job: dict, stdout_path: Path, stderr_path: Path) -> None:
         os._exit(code)
 
 
-def run_job(job: dict, scratch: Path) -> dict:
+def run_job(job: dict, scratch: Path, timeout: float = TIMEOUT_S) -> dict:
     stdout_path, stderr_path = scratch / f"{job['name']}.out", scratch / f"{job['name']}.err"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -64,7 +70,8 @@ def run_job(job: dict, scratch: Path) -> dict:
     pid = os.fork()
     if pid == 0:
         run_child(job, stdout_path, stderr_path)
-    deadline = start + TIMEOUT_S
+    deadline = start + job.get("timeout", timeout)
+    timed_out = False
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -72,9 +79,11 @@ def run_job(job: dict, scratch: Path) -> dict:
         if time.time() > deadline:
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
+            timed_out = True
             break
         time.sleep(0.01)
     return {
+        "timed_out": timed_out,
         "returncode": os.waitstatus_to_exitcode(status),
         "stdout": stdout_path.read_text(encoding="utf-8", errors="replace"),
         "stderr": stderr_path.read_text(encoding="utf-8", errors="replace"),
@@ -82,17 +91,37 @@ def run_job(job: dict, scratch: Path) -> dict:
     }
 
 
-def main() -> None:
-    jobs_path, results_path = Path(sys.argv[1]), Path(sys.argv[2])
-    jobs = json.loads(jobs_path.read_text(encoding="utf-8"))
-    # As under `python -m`: the working directory (the checkout under test) comes first on the
-    # path, not this script's folder.
+def preload() -> None:
+    """Everything the commands import, imported before the first fork. As under `python -m`, the
+    working directory (the checkout under test) comes first on the path, not this script's folder."""
     sys.path[0] = os.getcwd()
-    # Everything the commands import, imported before the first fork.
     import trainer_pkg.evaluate  # noqa: F401
     import trainer_pkg.predict  # noqa: F401
     import trainer_pkg.train  # noqa: F401
 
+
+def serve(scratch: Path) -> None:
+    """Jobs from stdin, one JSON object a line; each result back as one line on the stdout we were
+    given (the preload's own output goes to stderr, so nothing else reaches that pipe)."""
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    preload()
+    replies.write("ready\n")
+    replies.flush()
+    for number, line in enumerate(sys.stdin):
+        job = json.loads(line)
+        result = run_job({**job, "name": f"job{number}"}, scratch)
+        replies.write(json.dumps(result, ensure_ascii=False) + "\n")
+        replies.flush()
+
+
+def main() -> None:
+    if sys.argv[1] == "--serve":
+        serve(Path(sys.argv[2]))
+        return
+    jobs_path, results_path = Path(sys.argv[1]), Path(sys.argv[2])
+    jobs = json.loads(jobs_path.read_text(encoding="utf-8"))
+    preload()
     scratch = results_path.parent / f"{results_path.stem}_output"
     scratch.mkdir(parents=True, exist_ok=True)
     results = {job["name"]: run_job(job, scratch) for job in jobs}

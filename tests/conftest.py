@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,14 +52,69 @@ def tiny_nsmc(tmp_path_factory) -> Path:
 
 
 def run_module(module: str, *args: str, env: dict[str, str], timeout: float = 600, check: bool = True,
-               cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m module args...`; on an unexpected exit code show its output."""
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, cwd=cwd or REPO,
-                            capture_output=True, text=True, timeout=timeout)
+               cwd: Path | None = None, cold_start: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m module args...`; on an unexpected exit code show its output.
+
+    A trainer_pkg command is forked from a process that imported trainer_pkg once for this env
+    (tests/cli_batch.py --serve): the command itself, from the import on, without a cold start
+    each time. `cold_start=True`, or TRAINER_PKG_TEST_COLD_START=1 for the whole suite, starts a
+    fresh interpreter instead, for what happens at import."""
+    command = [module, *map(str, args)]
+    if cold_start or not module.startswith("trainer_pkg.") or os.environ.get("TRAINER_PKG_TEST_COLD_START"):
+        result = subprocess.run([sys.executable, "-m", *command], env=env, cwd=cwd or REPO,
+                                capture_output=True, text=True, timeout=timeout)
+    else:
+        result = fork_server(env).run(command, cwd or REPO, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{module} exited {result.returncode}\n--- stdout\n{result.stdout[-3000:]}"
                              f"\n--- stderr\n{result.stderr[-5000:]}")
     return result
+
+
+class ForkServer:
+    """tests/cli_batch.py --serve, started with one environment: what a module reads from it at
+    import (threads, caches, offline mode) is the same in every command it forks."""
+
+    def __init__(self, env: dict[str, str]):
+        self.scratch = Path(tempfile.mkdtemp(prefix="fork_server_"))
+        self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_batch.py"), "--serve",
+                                         str(self.scratch)], env=env, cwd=REPO, text=True, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=(self.scratch / "server.log").open("w"))
+        ready = self.process.stdout.readline()
+        if ready.strip() != "ready":
+            raise RuntimeError(f"the fork server did not start: {(self.scratch / 'server.log').read_text()[-3000:]}")
+
+    def run(self, command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        module, *args = command
+        self.process.stdin.write(json.dumps({"module": module, "args": args, "cwd": str(cwd), "timeout": timeout}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died: {(self.scratch / 'server.log').read_text()[-3000:]}")
+        reply = json.loads(line)
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(command, timeout, reply["stdout"], reply["stderr"])
+        return subprocess.CompletedProcess(command, reply["returncode"], reply["stdout"], reply["stderr"])
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+FORK_SERVERS: dict[tuple, ForkServer] = {}
+
+
+def fork_server(env: dict[str, str]) -> ForkServer:
+    key = tuple(sorted(env.items()))
+    if key not in FORK_SERVERS:
+        FORK_SERVERS[key] = ForkServer(env)
+    return FORK_SERVERS[key]
+
+
+def pytest_sessionfinish(session):
+    while FORK_SERVERS:
+        FORK_SERVERS.popitem()[1].close()
 
 
 def run_commands(commands: dict[str, list], env: dict[str, str], scratch: Path,

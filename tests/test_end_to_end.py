@@ -18,7 +18,7 @@ def trained(tmp_path_factory, tiny_model, tiny_nsmc, cache_env):
     output_dir = tmp_path_factory.mktemp("run") / "out"
     result = run_module("trainer_pkg.train", *tiny_train_args(
         tiny_model, tiny_nsmc, output_dir, "--epochs", "2", "--eval_every", "25", "--save_every", "10",
-        "--keep_checkpoints", "2"), env=cache_env)
+        "--keep_checkpoints", "2"), env=cache_env, cold_start=True)
     return output_dir, result
 
 
