@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.data.report import DataReport
+from trainer_pkg.data.table import column_values
 
 # Bump when the tokenized layout changes, so stale caches are not reused.
 TOKENIZED_FORMAT_VERSION = 3
@@ -61,12 +62,12 @@ def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 def count_rows_used(dataset: Dataset, split: str, labels: list[str], report: DataReport) -> Dataset:
     """Count the handled problems (empty and cut texts, duplicate ids, absent classes) in the rows a
     run uses, after carving and sample limits; the dataset without tokenize's per-row flags."""
-    report.empty_texts[split] = sum(dataset["empty_text"])
-    report.truncated_texts[split] = sum(dataset["truncated"])
+    report.empty_texts[split] = sum(column_values(dataset, "empty_text"))
+    report.truncated_texts[split] = sum(column_values(dataset, "truncated"))
     if "id" in dataset.column_names:
-        ids = dataset["id"]
+        ids = column_values(dataset, "id")
         report.duplicate_ids[split] = len(ids) - len(set(ids))
     if "labels" in dataset.column_names:
-        present = set(dataset["labels"])
+        present = set(column_values(dataset, "labels"))
         report.missing_classes[split] = [name for i, name in enumerate(labels) if i not in present]
     return dataset.remove_columns(["empty_text", "truncated"])
