@@ -95,9 +95,23 @@ def preload() -> None:
     """Everything the commands import, imported before the first fork. As under `python -m`, the
     working directory (the checkout under test) comes first on the path, not this script's folder."""
     sys.path[0] = os.getcwd()
+    import importlib.util
+
+    # Beyond the commands' modules, what a run imports only when it gets there (~2 s a run): the
+    # BERT classes (transformers imports a model's module when the model is built), TensorBoard's
+    # writer, the figures' pyplot, and DeepSpeed, which accelerate imports to unwrap a model.
+    import torch.utils.tensorboard  # noqa: F401
+    import transformers.models.bert.modeling_bert  # noqa: F401
+
     import trainer_pkg.evaluate  # noqa: F401
     import trainer_pkg.predict  # noqa: F401
     import trainer_pkg.train  # noqa: F401
+    from trainer_pkg.report import _pyplot
+
+    _pyplot()
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed  # noqa: F401
 
 
 def serve(scratch: Path) -> None:
