@@ -29,7 +29,7 @@ def test_the_real_tokenizer_reproduces_the_original_ids(mbert):
 
 def test_full_nsmc_loads_with_every_row_and_empty_reviews_kept(shared_dir, mbert, tmp_path):
     from trainer_pkg.config import TrainConfig
-    from trainer_pkg.data import load_tokenized
+    from trainer_pkg.data import column_values, load_tokenized
     from trainer_pkg.model import load_tokenizer
 
     config = TrainConfig(data=str(shared_dir / "data" / "nsmc"), model=str(mbert))
@@ -38,9 +38,9 @@ def test_full_nsmc_loads_with_every_row_and_empty_reviews_kept(shared_dir, mbert
     # The 7 empty reviews of the files (5 in train, 2 in test) fall where the seeded carve puts them.
     assert report.empty_texts == {"train": 5, "validation": 0, "test": 2}
     assert report.truncated_texts == {"train": 0, "validation": 0, "test": 0}
-    assert sum(splits["test"]["labels"]) == pytest.approx(25_000, rel=0.02)
+    assert sum(column_values(splits["test"], "labels")) == pytest.approx(25_000, rel=0.02)
     # Mean length matches the corpus statistics in ../shared/README.md (33.2 tokens).
-    lengths = splits["train"]["length"]
+    lengths = column_values(splits["train"], "length")
     assert 32.5 < sum(lengths) / len(lengths) < 34.0
 
 
