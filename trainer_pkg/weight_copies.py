@@ -60,8 +60,7 @@ class LowPrecisionWeights:
                 torch._foreach_copy_(self.copies, self.parameters)
             self.stale = False
         # What torch.func.functional_call does, without its generality: it walks every submodule
-        # several times per call (1.5-3.5 ms of host time per 12-layer forward on the build
-        # machine), more than the casts this saves.
+        # several times per call, which costs more host time than the casts this saves.
         for (module, name), weight in zip(self.slots, self.copies):
             module._parameters[name] = weight
         try:

@@ -59,8 +59,7 @@ class PackedTokens(torch.utils.data.Dataset):
     """The tokenized rows as flat numpy arrays; a batch is one gather-and-pad, not B Arrow reads.
 
     Fetching rows one by one from an Arrow-backed `datasets.Dataset` and padding them with
-    DataCollatorWithPadding cost ~75 ms per batch of 64 here: it capped a GPU run at ~1,600
-    samples/s. The sampler still yields row indices (so samplers, sharding and
+    DataCollatorWithPadding is slow enough to cap a GPU run (docs/performance.md). The sampler still yields row indices (so samplers, sharding and
     skip_first_batches work unchanged); `collate` builds the padded tensors in one pass.
     """
 
