@@ -59,8 +59,9 @@ class PackedTokens(torch.utils.data.Dataset):
     """The tokenized rows as flat numpy arrays; a batch is one gather-and-pad, not B Arrow reads.
 
     Fetching rows one by one from an Arrow-backed `datasets.Dataset` and padding them with
-    DataCollatorWithPadding is slow enough to cap a GPU run (docs/performance.md). The sampler still yields row indices (so samplers, sharding and
-    skip_first_batches work unchanged); `collate` builds the padded tensors in one pass.
+    DataCollatorWithPadding is slow enough to cap a GPU run (docs/performance.md). The sampler
+    still yields row indices (so samplers, sharding and skip_first_batches work unchanged);
+    `collate` builds the padded tensors in one pass.
     """
 
     def __init__(self, dataset: Dataset, pad_token_id: int, with_row: bool = False, pad_to_multiple_of: int = 8):
