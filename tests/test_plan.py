@@ -7,17 +7,8 @@ import math
 
 import pytest
 
-from trainer_pkg.config import (
-    DEFAULT_EPOCHS_FROM_SCRATCH,
-    DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
-    DEFAULT_GLOBAL_BATCH_PRETRAINED,
-    DEFAULT_LR_FROM_SCRATCH,
-    DEFAULT_LR_PRETRAINED,
-    DEFAULT_MAX_EPOCHS_PRETRAINED,
-    DEFAULT_MIN_STEPS_PRETRAINED,
-    config_from_file,
-    load_config,
-)
+import trainer_pkg.config as recipe
+from trainer_pkg.config import config_from_file, load_config
 from trainer_pkg.errors import UserError
 from trainer_pkg.plan import MICRO_BATCH_LIMIT, make_plan, pretrained_lr, resolve_batch, resolve_epochs
 
@@ -32,8 +23,8 @@ def global_batch(config, processes: int) -> int:
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_default_global_batch_and_lr_do_not_depend_on_the_launch(from_scratch, device):
     args = ["--from_scratch"] if from_scratch else []
-    expected_batch = DEFAULT_GLOBAL_BATCH_FROM_SCRATCH if from_scratch else DEFAULT_GLOBAL_BATCH_PRETRAINED
-    expected_lr = DEFAULT_LR_FROM_SCRATCH if from_scratch else DEFAULT_LR_PRETRAINED
+    expected_batch = recipe.DEFAULT_GLOBAL_BATCH_FROM_SCRATCH if from_scratch else recipe.DEFAULT_GLOBAL_BATCH_PRETRAINED
+    expected_lr = recipe.DEFAULT_LR_FROM_SCRATCH if from_scratch else recipe.DEFAULT_LR_PRETRAINED
     for processes in (1, 2, 4, 8, 16, 32):
         resolved = resolve_batch(load_config(args), device, processes)
         assert global_batch(resolved, processes) == expected_batch, processes
@@ -53,14 +44,14 @@ def test_a_global_batch_larger_than_a_device_pass_is_accumulated():
     on_gpus = resolve_batch(load_config(["--global_batch_size", "4096"]), "cuda", 2)
     assert (on_gpus.per_device_batch_size, on_gpus.grad_accum) == (512, 4)
     # sqrt rule for a global batch other than the recipe's.
-    assert resolved.lr == pytest.approx(DEFAULT_LR_PRETRAINED * math.sqrt(256 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
+    assert resolved.lr == pytest.approx(recipe.DEFAULT_LR_PRETRAINED * math.sqrt(256 / recipe.DEFAULT_GLOBAL_BATCH_PRETRAINED))
 
 
 def test_explicit_per_device_batch_keeps_its_classic_meaning_and_explicit_lr_wins(tmp_path):
     # Global = per device x processes x accumulation: 16 x 2 x 8 = 256.
     resolved = resolve_batch(load_config(["--per_device_batch_size", "16", "--grad_accum", "8"]), "cpu", 2)
     assert global_batch(resolved, 2) == 256
-    assert resolved.lr == pytest.approx(DEFAULT_LR_PRETRAINED * math.sqrt(256 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
+    assert resolved.lr == pytest.approx(recipe.DEFAULT_LR_PRETRAINED * math.sqrt(256 / recipe.DEFAULT_GLOBAL_BATCH_PRETRAINED))
     assert resolve_batch(load_config(["--lr", "3e-4", "--per_device_batch_size", "512"]), "cpu", 1).lr == 3e-4
     # Per device and global together: the accumulation that makes them agree.
     both = resolve_batch(load_config(["--per_device_batch_size", "8", "--global_batch_size", "64"]), "cpu", 2)
@@ -74,19 +65,19 @@ def test_explicit_per_device_batch_keeps_its_classic_meaning_and_explicit_lr_win
 def test_the_pretrained_lr_follows_the_encoder_width_within_bounds(tiny_model):
     from trainer_pkg.model import encoder_width
 
-    assert pretrained_lr(768) == DEFAULT_LR_PRETRAINED  # BERT-base, the reference job
-    assert pretrained_lr(384) == pytest.approx(2 * DEFAULT_LR_PRETRAINED)  # MiniLM, measured
-    assert pretrained_lr(1024) == pytest.approx(DEFAULT_LR_PRETRAINED * 768 / 1024)
+    assert pretrained_lr(768) == recipe.DEFAULT_LR_PRETRAINED  # BERT-base, the reference job
+    assert pretrained_lr(384) == pytest.approx(2 * recipe.DEFAULT_LR_PRETRAINED)  # MiniLM, measured
+    assert pretrained_lr(1024) == pytest.approx(recipe.DEFAULT_LR_PRETRAINED * 768 / 1024)
     assert pretrained_lr(128) == pretrained_lr(384) and pretrained_lr(4096) == pretrained_lr(1536)  # not extrapolated
-    assert pretrained_lr(None) == DEFAULT_LR_PRETRAINED
+    assert pretrained_lr(None) == recipe.DEFAULT_LR_PRETRAINED
     # The width is read from the model's config; the sqrt rule applies on top; --lr and --from_scratch ignore it.
     config = load_config(["--model", str(tiny_model), "--global_batch_size", "128"])
     assert encoder_width(config) == 32
     resolved = resolve_batch(config, "cpu", 1, encoder_width(config))
-    assert resolved.lr == pytest.approx(pretrained_lr(32) * math.sqrt(128 / DEFAULT_GLOBAL_BATCH_PRETRAINED))
+    assert resolved.lr == pytest.approx(pretrained_lr(32) * math.sqrt(128 / recipe.DEFAULT_GLOBAL_BATCH_PRETRAINED))
     assert encoder_width(load_config(["--model", str(tiny_model), "--lr", "1e-5"])) is None
     assert encoder_width(load_config(["--model", str(tiny_model), "--from_scratch"])) is None
-    assert resolve_batch(load_config(["--from_scratch"]), "cpu", 1, 384).lr == DEFAULT_LR_FROM_SCRATCH
+    assert resolve_batch(load_config(["--from_scratch"]), "cpu", 1, 384).lr == recipe.DEFAULT_LR_FROM_SCRATCH
 
 
 def test_contradictory_batch_flags_are_refused_in_one_line():
@@ -108,11 +99,11 @@ def test_pretrained_runs_take_the_fewest_epochs_that_reach_the_minimum_steps(bat
         resolved = resolve_batch(load_config([]), "cpu", processes)
         # The same corpus in the same global batches: the same epochs on any number of processes.
         epochs = resolve_epochs(resolved, batches_per_epoch * processes, processes).epochs
-        expected = min(DEFAULT_MAX_EPOCHS_PRETRAINED, math.ceil(DEFAULT_MIN_STEPS_PRETRAINED / batches_per_epoch))
+        expected = min(recipe.DEFAULT_MAX_EPOCHS_PRETRAINED, math.ceil(recipe.DEFAULT_MIN_STEPS_PRETRAINED / batches_per_epoch))
         assert epochs == expected, processes
-        assert epochs == 1 or (epochs - 1) * batches_per_epoch < DEFAULT_MIN_STEPS_PRETRAINED
+        assert epochs == 1 or (epochs - 1) * batches_per_epoch < recipe.DEFAULT_MIN_STEPS_PRETRAINED
     assert resolve_epochs(resolve_batch(load_config(["--from_scratch"]), "cpu", 1), 40, 1).epochs == \
-        DEFAULT_EPOCHS_FROM_SCRATCH
+        recipe.DEFAULT_EPOCHS_FROM_SCRATCH
     assert resolve_epochs(resolve_batch(load_config(["--epochs", "5"]), "cpu", 1), 40, 1).epochs == 5
 
 
@@ -120,9 +111,9 @@ def test_the_plan_counts_steps_as_accelerate_shards_batches_and_says_when_gpus_s
     resolved = resolve_epochs(resolve_batch(load_config([]), "cuda", 8), 250, 8)
     # 1,000 rows in batches of 4 per GPU: 250 batches, 32 rounds of 8 GPUs (the last one completed).
     plan = make_plan(resolved, "cuda", 8, num_train_rows=1000, num_batches=250)
-    assert plan.per_device_batch_size == DEFAULT_GLOBAL_BATCH_PRETRAINED // 8
+    assert plan.per_device_batch_size == recipe.DEFAULT_GLOBAL_BATCH_PRETRAINED // 8
     assert plan.steps_per_epoch == math.ceil(250 / 8)
-    assert plan.total_steps == plan.steps_per_epoch * DEFAULT_MAX_EPOCHS_PRETRAINED
+    assert plan.total_steps == plan.steps_per_epoch * recipe.DEFAULT_MAX_EPOCHS_PRETRAINED
     assert plan.warmup_steps == round(plan.total_steps * 0.06)
     assert any("per GPU per forward pass" in note for note in plan.notes)
     on_cpu = resolve_epochs(resolve_batch(load_config([]), "cpu", 1), 32, 1)
