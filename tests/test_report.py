@@ -15,7 +15,7 @@ from same_results import assert_same_results
 from sklearn.metrics import precision_recall_fscore_support
 
 from trainer_pkg.console import RunConsole
-from trainer_pkg.report import build_report, figure_paths, write_figures
+from trainer_pkg.report import build_report, figure_paths, show_report, write_figures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ORIGINAL_KEYS = ("accuracy", "f1", "precision", "recall", "confusion_matrix", "num_samples")
@@ -114,6 +114,21 @@ def test_length_buckets_and_most_confidently_wrong():
     without_ids = build_report(probabilities, truth, ["neg", "pos"], lengths, top_k=1)["most_confidently_wrong"]
     assert without_ids == [{"row": 2, "label": "pos", "predicted": "neg", "probability": 0.95,
                             "probability_of_label": 0.05}]
+
+
+def test_user_text_is_printed_as_it_is_not_as_markup(capsys):
+    # Rich markup would drop "[run]" as a style and raise on the unmatched "[/b]".
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8]])
+    report = build_report(probabilities, np.array([1, 0]), ["[neg]", "pos"], [3, 4],
+                          texts=["[/b] worst film", "[run] great"], ids=["a", "b"], top_k=2)
+    console = RunConsole()
+    show_report(console, report)
+    console.print("train: /data/[run]/train.tsv")
+    console.warn("note on /data/[/x]")
+    console.table("plan", {"output_dir": "/out/[/y]"})
+    printed = capsys.readouterr().err
+    for text in ("[/b] worst", "[run] great", "[neg]", "/data/[run]/train.tsv", "/data/[/x]", "/out/[/y]"):
+        assert text in printed, text
 
 
 def assert_real_png(path):

@@ -22,13 +22,18 @@ class RunConsole:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        # markup off: paths, column names and texts from the user's data are printed as they are
+        # (rich would take "[run]" for a style, and "[/x]" raises).
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
         self.progress: Progress | None = None
         self.task = None
 
     def print(self, *args, **kwargs) -> None:
         if self.enabled:
             self.console.print(*args, **kwargs)
+
+    def warn(self, text: str) -> None:
+        self.print(text, style="yellow")
 
     def rule(self, title: str) -> None:
         if self.enabled:
@@ -38,8 +43,8 @@ class RunConsole:
         if not self.enabled:
             return
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=False, refresh_per_second=2,
         )
         self.progress.start()

@@ -126,7 +126,7 @@ def build_model(config: TrainConfig, labels: list[str], say: Callable[[str], Non
         except ValueError as error:
             raise UserError(f"--model_overrides: invalid model configuration: {error}") from None
         if config.scratch_init == "local" and not init_local_attention(model, config.seed):
-            say(f"[yellow]--scratch_init local: {type(model).__name__} is not a BERT-style encoder; "
+            say(f"--scratch_init local: {type(model).__name__} is not a BERT-style encoder; "
                  "it keeps its own random initialisation")
         return model
     local = Path(config.model)

@@ -202,7 +202,7 @@ def show_plan(console: RunConsole, plan: TrainingPlan) -> None:
            if plan.early_stopping_patience else "")
     )
     for note in plan.notes:
-        console.print(f"[yellow]{note}")
+        console.warn(note)
 
 
 def dry_run(config: TrainConfig) -> dict:
@@ -223,6 +223,6 @@ def dry_run(config: TrainConfig) -> dict:
     plan = make_plan(config, device, processes, len(splits["train"]), len(loader), default_batch)
     console.table("plan (dry run: nothing trained)", {k: v for k, v in plan.to_dict().items() if k != "notes"})
     for note in plan.notes:
-        console.print(f"[yellow]{note}")
+        console.warn(note)
     print(json.dumps(plan.to_dict()), flush=True)
     return {"dry_run": plan.to_dict()}

@@ -120,11 +120,10 @@ def start(config: TrainConfig, settings: dict | None,
     console.rule(f"trainer_pkg: {config.model} -> {config.output_dir}")
     console.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
                   f"precision {accelerator.mixed_precision}, lr {config.effective_lr:g}")
-    # Plain text: rich would take "[tracking]" or a list's brackets for markup.
-    console.print(tracking_line(trackers, config, tensorboard_dir), markup=False)
+    console.print(tracking_line(trackers, config, tensorboard_dir))
     if changes:
-        console.print("--resume continues the saved run with " + ", ".join(
-            f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()), markup=False, style="yellow")
+        console.warn("--resume continues the saved run with " + ", ".join(
+            f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()))
     return config, accelerator, console, stop, resume_from
 
 
@@ -191,7 +190,7 @@ def restore(run: Run, checkpoint: Path) -> None:
         # Rank r reads global batches r, r+n, ...: the first k*n global batches are done.
         done = state.batches_in_epoch * state.num_processes
         state.batches_in_epoch = done // processes
-        run.console.print(f"[yellow]resuming a {state.num_processes}-process run on {processes} processes: global "
+        run.console.warn(f"resuming a {state.num_processes}-process run on {processes} processes: global "
                           f"batch is now {run.plan.global_batch_size}; {done - state.batches_in_epoch * processes} "
                           "batches are seen again")
         state.num_processes = processes
@@ -261,7 +260,7 @@ def stop_for_resume(run: Run) -> None:
     run.console.stop_progress()
     save(run, validate_first=False)
     name = signal.Signals(run.stop.received).name if run.stop.received else "a signal on another process"
-    run.console.print(f"[yellow]{name}: checkpoint at step {run.state.optimizer_steps} saved; exiting with "
+    run.console.warn(f"{name}: checkpoint at step {run.state.optimizer_steps} saved; exiting with "
                       f"{PREEMPTED_EXIT_CODE}; --resume continues the run")
     run.log.write("preempted", step=run.state.optimizer_steps)
 
@@ -316,7 +315,7 @@ def finish(run: Run) -> dict:
     if not state.stopped_early:
         save(run, validate_first=True)
     if state.skipped_non_finite or state.skipped_overflow:
-        console.print(f"[yellow]skipped optimizer steps: {state.skipped_non_finite} with a non-finite gradient "
+        console.warn(f"skipped optimizer steps: {state.skipped_non_finite} with a non-finite gradient "
                       f"(--nan_policy skip), {state.skipped_overflow} fp16 overflows (the loss scaler lowered its scale)")
     best = state.best_checkpoint or checkpoint_name(state.optimizer_steps)
     if best != checkpoint_name(state.optimizer_steps):
@@ -324,7 +323,7 @@ def finish(run: Run) -> dict:
         load_checkpoint(accelerator, checkpoints_dir(run.output_dir) / best)
     scored = run.scored_split
     if scored != "test":
-        console.print("[yellow]no test split: the report is on the validation split, which also chose the checkpoint "
+        console.warn("no test split: the report is on the validation split, which also chose the checkpoint "
                       "(give --test_file for an unbiased score)")
     started = time.time()
     metrics, _ = evaluate_and_report(accelerator, run.model, run.scored_loader, run.scored_rows, run.config, console,
