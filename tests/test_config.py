@@ -197,7 +197,7 @@ def test_abbreviated_flags_are_not_accepted():
 def test_validate_reports_every_problem_at_once():
     config = TrainConfig(
         epochs=0, lr=-1.0, warmup_ratio=1.5, mixed_precision="fp8", labels=["only"], metric_for_best="loss",
-        keep_checkpoints=0, max_length=0,
+        keep_checkpoints=0, max_length=0, eval_batch_size=0,
     )
     with pytest.raises(UserError) as caught:
         config.validate()
@@ -213,6 +213,7 @@ def test_validate_reports_every_problem_at_once():
         "metric_for_best must be",
         "keep_checkpoints must be >= 1 (got 0)",
         "max_length must be >= 1 or unset (got 0)",
+        "eval_batch_size must be >= 1 or unset (got 0)",
     ):
         assert fragment in message, fragment
     assert "\n" not in message

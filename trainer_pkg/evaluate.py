@@ -27,7 +27,7 @@ from trainer_pkg.console import RunConsole, print_json, write_output
 from trainer_pkg.data import column_values, eval_dataloader, load_tokenized, missing_split_error, source_files
 from trainer_pkg.distributed import end_processes, make_accelerator
 from trainer_pkg.errors import UserError, cli
-from trainer_pkg.inference import metrics_from_outputs, predict_logits
+from trainer_pkg.inference import eval_batch_size, metrics_from_outputs, predict_logits
 from trainer_pkg.model import label_names, load_classifier
 from trainer_pkg.report import build_report, show_report, write_figures
 from trainer_pkg.run_dir import CONFIG_FILE, EXPORT_CONFIG_FILE, LOG_FILE
@@ -100,7 +100,8 @@ def build_parser() -> ArgParser:
     parser.add_argument("--text_column", help="text column name (default: the training run's)")
     parser.add_argument("--label_column", help="label column name (default: the training run's)")
     parser.add_argument("--output", help="metrics JSON to write (default: CHECKPOINT_OR_EXPORT/eval_metrics.json)")
-    parser.add_argument("--batch_size", type=int, default=256, help="examples per process per forward pass")
+    parser.add_argument("--batch_size", type=int,
+                        help="examples per process per forward pass (default 32 on the CPU, 256 on a GPU)")
     parser.add_argument("--max_eval_samples", type=int, help="score only the first N rows")
     parser.add_argument("--top_wrong", type=int, default=10, help="how many of the most confidently wrong examples to list")
     parser.add_argument("--mixed_precision", default="auto", help="auto, no, bf16 or fp16")
@@ -110,7 +111,7 @@ def build_parser() -> ArgParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1 (got {args.batch_size})")
     if args.top_wrong < 0:
         raise UserError(f"--top_wrong must be >= 0 (got {args.top_wrong})")
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> int:
     dataset = splits[split]
     for line in report.lines():
         console.print(line)
-    loader = eval_dataloader(dataset, tokenizer, args.batch_size)
+    loader = eval_dataloader(dataset, tokenizer, eval_batch_size(args.batch_size, accelerator.device.type))
     # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
     # rank that finished first (the main process still writes the report then).
     model = accelerator.prepare_model(model, evaluation_mode=True)

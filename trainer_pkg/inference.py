@@ -10,6 +10,18 @@ from trainer_pkg.console import RunConsole
 from trainer_pkg.metrics import classification_metrics
 from trainer_pkg.model import accepts_prepared_mask, model_inputs
 
+# Rows per evaluation forward pass when none is given. On the CPU small batches are the fastest (a
+# large one's attention scores and activations no longer fit in cache; benchmarks/eval_batch.py,
+# docs/performance.md); a GPU needs large ones to be kept busy.
+DEFAULT_EVAL_BATCH_SIZE = {"cpu": 32, "gpu": 256}
+
+
+def eval_batch_size(given: int | None, device: str) -> int:
+    """The evaluation batch per process: the one given, else the default for `device`."""
+    if given is not None:
+        return given
+    return DEFAULT_EVAL_BATCH_SIZE["cpu" if device == "cpu" else "gpu"]
+
 
 @torch.no_grad()
 def predict_logits(accelerator: Accelerator, model, dataloader, console: RunConsole | None = None,

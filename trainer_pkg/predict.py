@@ -30,7 +30,7 @@ from trainer_pkg.data import DataReport, column_values, eval_dataloader, texts_d
 from trainer_pkg.distributed import end_processes, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import saved_run_config
-from trainer_pkg.inference import predict_logits
+from trainer_pkg.inference import eval_batch_size, predict_logits
 from trainer_pkg.model import label_names, load_classifier
 
 
@@ -42,7 +42,7 @@ def build_parser() -> ArgParser:
     parser.add_argument("--output", help="JSONL file to write (default: stdout)")
     parser.add_argument("--text_column", help="text column name (default: the training run's)")
     parser.add_argument("--id_column", help="id column carried into the output (default: the training run's)")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, help="texts per forward pass (default 32 on the CPU, 256 on a GPU)")
     parser.add_argument("--chunk_size", type=int, default=256,
                         help="stdin: predict and write every N lines (1 answers each line as it arrives)")
     parser.add_argument("--mixed_precision", default="auto")
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     if bool(args.texts) == bool(args.input):
         raise UserError("give texts as arguments or --input FILE (one of the two)")
     for flag in ("batch_size", "chunk_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     model, tokenizer = load_classifier(args.model_dir)
     labels = label_names(model)
@@ -111,6 +111,7 @@ def main(argv: list[str]) -> int:
     id_column = args.id_column or run_config.id_column
     max_length = truncation_length(run_config, tokenizer)
     accelerator = make_accelerator(args.mixed_precision)
+    batch_size = eval_batch_size(args.batch_size, accelerator.device.type)
     # Forward passes only: no DDP wrapper, whose gloo teardown at exit can deadlock against a
     # rank that finished first.
     if args.input == "-":
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
         line = 0
         for chunk in stdin_chunks(args.chunk_size):
             dataset = tokenize(Dataset.from_dict({"text": chunk}), tokenizer, max_length, "predict", DataReport())
-            rows = predict_dataset(accelerator, model, tokenizer, dataset, args.batch_size, labels, None, sharded=False)
+            rows = predict_dataset(accelerator, model, tokenizer, dataset, batch_size, labels, None, sharded=False)
             for row in rows:
                 line += 1
                 output.write(json.dumps({"line": line, **row}, ensure_ascii=False) + "\n")
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> int:
                  else Dataset.from_dict({"text": args.texts}))
         dataset = tokenize(table, tokenizer, max_length, "predict", DataReport())
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    rows = predict_dataset(accelerator, model, tokenizer, dataset, args.batch_size, labels, console)
+    rows = predict_dataset(accelerator, model, tokenizer, dataset, batch_size, labels, console)
     if accelerator.is_main_process:
         ids = column_values(table, "id") if "id" in table.column_names else None
         lines = []

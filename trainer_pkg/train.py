@@ -38,7 +38,7 @@ from trainer_pkg.data import DataReport, eval_dataloader, load_tokenized, resolv
 from trainer_pkg.distributed import end_processes, fill_deepspeed_config, make_accelerator
 from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import ReportOptions, evaluate_and_report
-from trainer_pkg.inference import evaluate_dataloader
+from trainer_pkg.inference import eval_batch_size, evaluate_dataloader
 from trainer_pkg.loop import TrainMeter, TrainStep
 from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, build_scheduler, encoder_width, load_tokenizer
 from trainer_pkg.plan import (
@@ -153,11 +153,12 @@ def setup(config: TrainConfig, settings: dict | None = None, changes: dict | Non
                      len(train_loader), default_batch)
     show_plan(console, plan)
     log.write("plan", **plan.to_dict())
-    valid_loader = eval_dataloader(splits["validation"], tokenizer, config.eval_batch_size, config.num_workers) \
+    eval_batch = eval_batch_size(config.eval_batch_size, accelerator.device.type)
+    valid_loader = eval_dataloader(splits["validation"], tokenizer, eval_batch, config.num_workers) \
         if "validation" in splits else None
     # Without a test split the best model is scored on the validation split, which chose it.
     scored = "test" if "test" in splits else "validation"
-    scored_loader = eval_dataloader(splits[scored], tokenizer, config.eval_batch_size, config.num_workers)
+    scored_loader = eval_dataloader(splits[scored], tokenizer, eval_batch, config.num_workers)
     optimizer = build_optimizer(model, config)
     model, optimizer, train_loader, valid_loader, scored_loader = accelerator.prepare(
         model, optimizer, train_loader, valid_loader, scored_loader)
