@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import yaml
 from conftest import REPO, run_module, tiny_train_args
 from test_distributed import accelerate_launch
 
@@ -80,6 +81,9 @@ def test_the_plan_a_run_logs_is_its_dry_run_with_one_and_two_processes(tiny_mode
         records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
         logged = next(record for record in records if record["kind"] == "plan")
         assert {k: logged[k] for k in planned[processes]} == planned[processes]
+        # The saved run config is the resolved one: the epochs and lr wait for the corpus.
+        saved = yaml.safe_load((output_dir / "run_config.yaml").read_text(encoding="utf-8"))
+        assert (saved["epochs"], saved["lr"]) == (planned[processes]["epochs"], planned[processes]["lr"])
         # The whole epoch: the steps Accelerate's sharded loader really gave are the planned ones.
         steps = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))["optimizer_steps"]
         assert steps == planned[processes]["total_steps"] == planned[processes]["steps_per_epoch"] == 16

@@ -25,9 +25,12 @@ from trainer_pkg.config import (
     DEFAULT_EPOCHS_FROM_SCRATCH,
     DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
     DEFAULT_GLOBAL_BATCH_PRETRAINED,
+    DEFAULT_LONG_RUN_LR_PRETRAINED,
+    DEFAULT_LONG_RUN_ROWS_PRETRAINED,
     DEFAULT_LR_FROM_SCRATCH,
     DEFAULT_LR_PRETRAINED,
     DEFAULT_MAX_EPOCHS_PRETRAINED,
+    DEFAULT_MIN_EPOCHS_PRETRAINED,
     DEFAULT_MIN_STEPS_PRETRAINED,
     PRETRAINED_LR_WIDTH,
     TrainConfig,
@@ -87,18 +90,15 @@ def pretrained_lr(width: int | None) -> float:
     return DEFAULT_LR_PRETRAINED * min(2.0, max(0.5, scale))
 
 
-def resolve_batch(config: TrainConfig, device: str, num_processes: int, width: int | None = None) -> TrainConfig:
-    """The config with the per-device batch, accumulation and learning rate filled in (the epochs
-    wait for the corpus: resolve_epochs).
+def resolve_batch(config: TrainConfig, device: str, num_processes: int) -> TrainConfig:
+    """The config with the per-device batch and accumulation filled in (the epochs and the lr wait for
+    the corpus: resolve_schedule).
 
     - Nothing given: the recipe's global batch, split over the processes, accumulated where one
       pass per device would exceed MICRO_BATCH_LIMIT.
     - --global_batch_size: the same split of that batch.
     - --per_device_batch_size (and/or --grad_accum): global = per-device x processes x accumulation,
       the classic meaning; with --global_batch_size too, they must multiply to it.
-    The default lr is the recipe's at its default global batch (for pretrained weights, by the
-    encoder's `width`: pretrained_lr), scaled by sqrt(global / default) for other global batches
-    (the square-root rule for Adam); an explicit --lr is used as given.
     """
     limit = MICRO_BATCH_LIMIT.get(device, MICRO_BATCH_LIMIT["cpu"])
     per_device, accum, wanted = config.per_device_batch_size, config.grad_accum, config.global_batch_size
@@ -116,25 +116,43 @@ def resolve_batch(config: TrainConfig, device: str, num_processes: int, width: i
         if accum is None:
             accum = max(1, math.ceil(wanted / (num_processes * limit)))
         per_device = max(1, math.ceil(wanted / (num_processes * accum)))
-    global_batch = per_device * num_processes * accum
-    lr = config.lr
-    if lr is None:
-        recipe_lr = DEFAULT_LR_FROM_SCRATCH if config.from_scratch else pretrained_lr(width)
-        lr = recipe_lr * math.sqrt(global_batch / default_global_batch(config))
-    return dataclasses.replace(config, per_device_batch_size=per_device, grad_accum=accum, lr=lr)
+    return dataclasses.replace(config, per_device_batch_size=per_device, grad_accum=accum)
 
 
-def resolve_epochs(config: TrainConfig, num_batches: int, num_processes: int) -> TrainConfig:
-    """The config with its epochs filled in, once the corpus is loaded: `num_batches` batches per
-    epoch over all processes."""
-    if config.epochs is not None:
-        return config
-    if config.from_scratch:
+def resolve_schedule(config: TrainConfig, num_batches: int, num_processes: int, width: int | None = None) -> TrainConfig:
+    """The config of resolve_batch with its epochs and lr filled in, once the corpus is loaded:
+    `num_batches` batches per epoch over all processes.
+
+    Epochs, for pretrained weights: the fewest from DEFAULT_MIN_EPOCHS_PRETRAINED to
+    DEFAULT_MAX_EPOCHS_PRETRAINED that take DEFAULT_MIN_STEPS_PRETRAINED optimizer steps. The lr: the
+    recipe's at its default global batch (for pretrained weights, by the encoder's `width`:
+    pretrained_lr, and at most DEFAULT_LONG_RUN_LR_PRETRAINED for a run that sees
+    DEFAULT_LONG_RUN_ROWS_PRETRAINED rows), scaled by sqrt(global / default) for other global
+    batches (the square-root rule for Adam). Rows seen and steps are counted in global batches, so
+    the plan is the same on any number of processes. Explicit --epochs and --lr are used as given.
+    """
+    per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
+    epochs = config.epochs
+    if epochs is None and config.from_scratch:
         epochs = DEFAULT_EPOCHS_FROM_SCRATCH
-    else:
-        per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
-        epochs = min(DEFAULT_MAX_EPOCHS_PRETRAINED, max(1, math.ceil(DEFAULT_MIN_STEPS_PRETRAINED / per_epoch)))
-    return dataclasses.replace(config, epochs=epochs)
+    elif epochs is None:
+        epochs = min(DEFAULT_MAX_EPOCHS_PRETRAINED,
+                     max(DEFAULT_MIN_EPOCHS_PRETRAINED, math.ceil(DEFAULT_MIN_STEPS_PRETRAINED / per_epoch)))
+    global_batch = config.per_device_batch_size * num_processes * config.grad_accum
+    lr = config.lr
+    if lr is None and config.from_scratch:
+        lr = DEFAULT_LR_FROM_SCRATCH * math.sqrt(global_batch / default_global_batch(config))
+    elif lr is None:
+        rows_seen = planned_steps(per_epoch, epochs, config.max_steps) * global_batch
+        recipe_lr = pretrained_lr(width)
+        if rows_seen >= DEFAULT_LONG_RUN_ROWS_PRETRAINED:
+            recipe_lr = min(recipe_lr, DEFAULT_LONG_RUN_LR_PRETRAINED)
+        lr = recipe_lr * math.sqrt(global_batch / default_global_batch(config))
+    return dataclasses.replace(config, epochs=epochs, lr=lr)
+
+
+def planned_steps(per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    return min(per_epoch * epochs, max_steps) if max_steps else per_epoch * epochs
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
@@ -153,14 +171,12 @@ def batch_is_default(config: TrainConfig) -> bool:
 
 def make_plan(config: TrainConfig, device: str, num_processes: int, num_train_rows: int, num_batches: int,
               default_batch: bool = True) -> TrainingPlan:
-    """The plan of a config resolved by resolve_batch and resolve_epochs over `num_batches` batches per
+    """The plan of a config resolved by resolve_batch and resolve_schedule over `num_batches` batches per
     epoch (all processes).
 
     `default_batch` (batch_is_default of the config as given) adds the note a small corpus earns."""
     per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
-    total = per_epoch * config.epochs
-    if config.max_steps:
-        total = min(total, config.max_steps)
+    total = planned_steps(per_epoch, config.epochs, config.max_steps)
     global_batch = config.per_device_batch_size * num_processes * config.grad_accum
     notes = []
     if config.per_device_batch_size == 1 and global_batch > default_global_batch(config):
@@ -212,14 +228,14 @@ def dry_run(config: TrainConfig) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     default_batch = batch_is_default(config)
-    config = resolve_batch(resolve_columns_and_labels(config), device, processes, encoder_width(config))
+    config = resolve_batch(resolve_columns_and_labels(config), device, processes)
     console = RunConsole(enabled=True)
     tokenizer = load_tokenizer(config.tokenizer_name)
     splits, report = load_tokenized(config, tokenizer)
     for line in report.lines():
         console.print(line)
     loader = train_dataloader(splits["train"], tokenizer, config)
-    config = resolve_epochs(config, len(loader), processes)
+    config = resolve_schedule(config, len(loader), processes, encoder_width(config))
     plan = make_plan(config, device, processes, len(splits["train"]), len(loader), default_batch)
     console.table("plan (dry run: nothing trained)", {k: v for k, v in plan.to_dict().items() if k != "notes"})
     for note in plan.notes:

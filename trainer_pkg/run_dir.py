@@ -244,8 +244,8 @@ def check_resumable(config: TrainConfig, checkpoint: Path, accelerator) -> None:
 
 def prepare_output_dir(config: TrainConfig, accelerator, settings: dict[str, Any] | None = None) -> Path | None:
     """Lock the directory, refuse to mix two runs in it or to resume what cannot continue, clear it
-    for --overwrite_output_dir, and write the settings as given and the resolved config. Returns the
-    checkpoint to resume from."""
+    for --overwrite_output_dir, and write the settings as given (the resolved config follows once the
+    plan is made: save_run_config). Returns the checkpoint to resume from."""
     output_dir = Path(config.output_dir)
     lock_output_dir(output_dir, accelerator)
     resume_from = resolve_resume(config)
@@ -270,8 +270,17 @@ def prepare_output_dir(config: TrainConfig, accelerator, settings: dict[str, Any
             output_dir.mkdir(parents=True, exist_ok=True)
             if settings is not None:
                 save_settings(settings, output_dir)
-            config.save(saved)
         except OSError as error:
             raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror})") from None
     accelerator.wait_for_everyone()
     return resume_from
+
+
+def save_run_config(config: TrainConfig, accelerator) -> None:
+    """The resolved config of the run, beside its checkpoints (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    try:
+        config.save(Path(config.output_dir) / CONFIG_FILE)
+    except OSError as error:
+        raise UserError(f"--output_dir {config.output_dir}: cannot write there ({error.strerror})") from None

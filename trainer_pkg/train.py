@@ -47,7 +47,7 @@ from trainer_pkg.plan import (
     dry_run,
     make_plan,
     resolve_batch,
-    resolve_epochs,
+    resolve_schedule,
     show_plan,
     this_hardware,
 )
@@ -62,6 +62,7 @@ from trainer_pkg.run_dir import (
     checkpoints_dir,
     continue_saved_settings,
     prepare_output_dir,
+    save_run_config,
 )
 from trainer_pkg.tracking import TrackerLog, resolve_trackers, start_tracking, tracking_line
 from trainer_pkg.weight_copies import low_precision_weights
@@ -98,7 +99,7 @@ def start(config: TrainConfig, settings: dict | None,
           changes: dict) -> tuple[TrainConfig, object, RunConsole, StopRequest, Path | None]:
     """The accelerator, the console and the output directory; the checkpoint to resume from."""
     device, processes = this_hardware()
-    config = resolve_batch(config, device, processes, encoder_width(config))
+    config = resolve_batch(config, device, processes)
     trackers, tensorboard_dir = resolve_trackers(config.report_to), Path(config.output_dir) / TENSORBOARD_DIR
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum, config.dist_timeout, trackers,
                                    str(tensorboard_dir))
@@ -116,10 +117,9 @@ def start(config: TrainConfig, settings: dict | None,
     stop = StopRequest().install(multi_process=accelerator.num_processes > 1, timeout_s=config.dist_timeout)
     set_seed(config.seed)
     resume_from = prepare_output_dir(config, accelerator, settings)
-    start_tracking(accelerator, config)
     console.rule(f"trainer_pkg: {config.model} -> {config.output_dir}")
     console.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
-                  f"precision {accelerator.mixed_precision}, lr {config.effective_lr:g}")
+                  f"precision {accelerator.mixed_precision}")
     console.print(tracking_line(trackers, config, tensorboard_dir))
     if changes:
         console.warn("--resume continues the saved run with " + ", ".join(
@@ -148,10 +148,13 @@ def setup(config: TrainConfig, settings: dict | None = None, changes: dict | Non
     log.write("data", **report.counts())
 
     train_loader = train_dataloader(splits["train"], tokenizer, config)
-    config = resolve_epochs(config, len(train_loader), accelerator.num_processes)
+    config = resolve_schedule(config, len(train_loader), accelerator.num_processes, encoder_width(config))
     plan = make_plan(config, accelerator.device.type, accelerator.num_processes, len(splits["train"]),
                      len(train_loader), default_batch)
     show_plan(console, plan)
+    # The saved config and the trackers' hyperparameters are the resolved ones: the lr waits for the corpus.
+    save_run_config(config, accelerator)
+    start_tracking(accelerator, config)
     log.write("plan", **plan.to_dict())
     eval_batch = eval_batch_size(config.eval_batch_size, accelerator.device.type)
     valid_loader = eval_dataloader(splits["validation"], tokenizer, eval_batch, config.num_workers) \
