@@ -8,7 +8,8 @@ the same seeded sample of NSMC training rows for one epoch, then score the same 
 
   origin        HF Trainer, batch 8, lr 5e-5, fp32, DataCollatorWithPadding(padding="longest")
   hf_tuned      the same Trainer at batch 32, lr 1e-3 (the from-scratch reference; --skip_tuned drops it)
-  trainer_pkg   `python -m trainer_pkg.train` with its defaults (+ --trainer_pkg_args)
+  trainer_pkg   `python -m trainer_pkg.train` with its defaults (+ --trainer_pkg_args); the proxy
+                with its own config, as `make train` runs it (configs/nsmc_proxy_offline.yaml)
 
 Printed per run: samples/s and real tokens/s of training, padding efficiency (real / padded
 tokens actually fed to the model), peak memory (GPU: allocated; CPU: the process's peak RSS), MFU
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # an install too (the GPU image runs from a plain checkout).
 sys.path.insert(0, str(REPO))
 PROXY = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512}
+PROXY_CONFIG = REPO / "configs" / "nsmc_proxy_offline.yaml"
 # Dense bf16 peak of an H100 SXM (the spec sheet's number without sparsity).
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 HF_RECIPES = {"origin": (8, 5e-5), "hf_tuned": (32, 1e-3)}
@@ -50,6 +52,12 @@ def write_sample(source: Path, target: Path, rows: int, seed: int) -> None:
 
 def model_overrides(size: str) -> dict:
     return PROXY if size == "proxy" else {}
+
+
+def trainer_pkg_recipe(size: str) -> list[str]:
+    """The proxy's config holds its architecture (PROXY) and what was tuned on it; other sizes take
+    the --from_scratch defaults."""
+    return ["--config", str(PROXY_CONFIG)] if size == "proxy" else []
 
 
 def peak_memory_gb() -> float:
@@ -119,11 +127,10 @@ def run_hf_trainer(args: argparse.Namespace) -> dict:
 def run_trainer_pkg(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     run_dir = out / "trainer_pkg"
-    overrides = ",".join(f"{k}={v}" for k, v in model_overrides(args.model_size).items())
     command = [sys.executable, "-m", "trainer_pkg.train", "--train_file", str(out / "train.tsv"),
                "--test_file", str(out / "test.tsv"), "--model", args.model, "--from_scratch",
                "--validation_size", "0", "--epochs", "1", "--output_dir", str(run_dir), "--overwrite_output_dir",
-               "--cache_dir", str(out / "hf_cache"), *(["--model_overrides", overrides] if overrides else []),
+               "--cache_dir", str(out / "hf_cache"), *trainer_pkg_recipe(args.model_size),
                *shlex.split(args.trainer_pkg_args)]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL if args.quiet else None)

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from trainer_pkg.config import (
-    DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH,
     DEFAULT_LR_FROM_SCRATCH,
     DEFAULT_LR_PRETRAINED,
     FIELD_NAMES,
@@ -347,15 +346,13 @@ def test_save_and_config_from_file_round_trip(tmp_path):
     config.save(path)
     saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert saved["lr"] == DEFAULT_LR_FROM_SCRATCH  # the effective lr is written, not null
-    assert saved["attention_lr_scale"] == DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH
     assert "debug" not in saved and "dry_run" not in saved
     assert set(saved) == set(FIELD_NAMES) - set(NOT_SAVED)
 
     loaded = config_from_file(path)
     assert loaded.lr == DEFAULT_LR_FROM_SCRATCH
     assert loaded.effective_lr == config.effective_lr
-    expected = dataclasses.replace(config, lr=DEFAULT_LR_FROM_SCRATCH, debug=False,
-                                   attention_lr_scale=DEFAULT_ATTENTION_LR_SCALE_FROM_SCRATCH)
+    expected = dataclasses.replace(config, lr=DEFAULT_LR_FROM_SCRATCH, debug=False)
     assert loaded == expected
     # A saved config is itself a valid --config file.
     assert load_config(["--config", str(path)]) == expected

@@ -230,8 +230,8 @@ def test_zero3_from_scratch_gets_the_local_attention_init(tiny_model, tiny_nsmc,
     from trainer_pkg.model import build_model
 
     output_dir = tmp_path / "zero3"
-    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "1", "--lr", "1e-9",
-                           "--max_train_samples", "64", "--max_eval_samples", "32")
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--scratch_init", "local", "--max_steps", "1",
+                           "--lr", "1e-9", "--max_train_samples", "64", "--max_eval_samples", "32")
     launch(accelerate_launch("deepspeed_zero3.yaml", "--num_processes", "2", "--mixed_precision", "no"),
            "trainer_pkg.train", *args, env=cache_env)
     exported = load_file(output_dir / "model" / "model.safetensors")

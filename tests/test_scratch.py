@@ -1,5 +1,6 @@
-"""What --from_scratch changes: the first attention layer's start, the slower attention geometry,
-dropout off; and none of it for pretrained runs or non-BERT models."""
+"""The from-scratch options: the first attention layer's local start and the slower attention
+geometry, off by default and set by the offline proxy's config; neither touches pretrained runs,
+and the local start says so when a model is not BERT-like."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
 from trainer_pkg.config import load_config
@@ -43,7 +45,7 @@ def mean_attention_at_offset(probabilities, head, offset):
 
 def test_local_init_points_heads_at_the_previous_and_next_token(tiny_model):
     torch.manual_seed(0)
-    model = build_model(scratch_config(tiny_model), ["negative", "positive"]).eval()
+    model = build_model(scratch_config(tiny_model, "--scratch_init", "local"), ["negative", "positive"]).eval()
     vocab = model.config.vocab_size
     input_ids = torch.randint(5, vocab, (64, 40))
     with torch.no_grad():
@@ -55,9 +57,9 @@ def test_local_init_points_heads_at_the_previous_and_next_token(tiny_model):
         assert at[wanted] > 5 * max(value for offset, value in at.items() if offset != wanted), (head, at)
 
 
-def test_random_init_keeps_attention_uniform(tiny_model):
+def test_the_default_random_init_keeps_attention_uniform(tiny_model):
     torch.manual_seed(0)
-    model = build_model(scratch_config(tiny_model, "--scratch_init", "random"), ["negative", "positive"]).eval()
+    model = build_model(scratch_config(tiny_model), ["negative", "positive"]).eval()
     input_ids = torch.randint(5, model.config.vocab_size, (64, 40))
     with torch.no_grad():
         probabilities = first_layer_attention(model, input_ids)
@@ -67,20 +69,23 @@ def test_random_init_keeps_attention_uniform(tiny_model):
 
 def test_local_init_depends_on_the_seed_only(tiny_model):
     def positions(seed):
-        model = build_model(scratch_config(tiny_model, "--seed", str(seed)), ["negative", "positive"])
+        model = build_model(scratch_config(tiny_model, "--scratch_init", "local", "--seed", str(seed)),
+                            ["negative", "positive"])
         return model.base_model.embeddings.position_embeddings.weight.detach().clone()
 
     assert torch.equal(positions(3), positions(3))
     assert not torch.equal(positions(3), positions(4))
 
 
-def test_scratch_turns_dropout_off_unless_overridden(tiny_model):
+def test_from_scratch_keeps_the_models_dropout_and_the_proxy_config_turns_it_off(tiny_model):
     labels = ["negative", "positive"]
     assert json.loads((tiny_model / "config.json").read_text())["hidden_dropout_prob"] == 0.1
-    scratch = build_model(scratch_config(tiny_model), labels).config
-    assert scratch.hidden_dropout_prob == 0.0 and scratch.attention_probs_dropout_prob == 0.0
-    kept = build_model(scratch_config(tiny_model, "--model_overrides", "hidden_dropout_prob=0.2"), labels).config
-    assert kept.hidden_dropout_prob == 0.2 and kept.attention_probs_dropout_prob == 0.0
+    plain = build_model(scratch_config(tiny_model), labels).config
+    assert plain.hidden_dropout_prob == 0.1 and plain.attention_probs_dropout_prob == 0.1
+    proxy = load_config(["--config", str(REPO / "configs" / "nsmc_proxy_offline.yaml"), "--model", str(tiny_model)])
+    assert (proxy.scratch_init, proxy.attention_lr_scale, proxy.lr) == ("local", 0.03, 1e-3)
+    built = build_model(proxy, labels).config
+    assert built.hidden_dropout_prob == 0.0 and built.attention_probs_dropout_prob == 0.0
 
 
 def learning_rates(model, optimizer):
@@ -88,8 +93,8 @@ def learning_rates(model, optimizer):
     return {name: by_id[id(parameter)] for name, parameter in model.named_parameters()}
 
 
-def test_attention_geometry_learns_slower_from_scratch(tiny_model):
-    config = scratch_config(tiny_model, "--lr", "1e-3")
+def test_attention_lr_scale_slows_the_attention_geometry(tiny_model):
+    config = scratch_config(tiny_model, "--lr", "1e-3", "--attention_lr_scale", "0.03")
     model = build_model(config, ["negative", "positive"])
     optimizer = build_optimizer(model, config)
     rates = learning_rates(model, optimizer)
@@ -105,8 +110,8 @@ def test_attention_geometry_learns_slower_from_scratch(tiny_model):
     assert all((id(p) in decayed) == (p.ndim >= 2) for p in model.parameters())
 
 
-def test_attention_lr_scale_flag_and_pretrained_default(tiny_model, tmp_path):
-    config = scratch_config(tiny_model, "--lr", "1e-3", "--attention_lr_scale", "1")
+def test_one_learning_rate_by_default_from_scratch_and_pretrained(tiny_model, tmp_path):
+    config = scratch_config(tiny_model, "--lr", "1e-3")
     model = build_model(config, ["negative", "positive"])
     assert set(learning_rates(model, build_optimizer(model, config)).values()) == {1e-3}
     # Fine-tuning pretrained weights: one learning rate, and the weights stay as loaded.
@@ -128,8 +133,8 @@ def test_non_bert_model_keeps_its_init_and_says_so(tmp_path):
     # Through the real entry point, the run is told why its --scratch_init local did nothing.
     config.save_pretrained(tmp_path)
     warnings = []
-    built = build_model(load_config(["--model", str(tmp_path), "--from_scratch"]), ["negative", "positive"],
-                        say=warnings.append)
+    built = build_model(load_config(["--model", str(tmp_path), "--from_scratch", "--scratch_init", "local"]),
+                        ["negative", "positive"], say=warnings.append)
     assert type(built).__name__ == "DistilBertForSequenceClassification"
     assert len(warnings) == 1 and "DistilBertForSequenceClassification is not a BERT-style encoder" in warnings[0]
 
@@ -148,10 +153,11 @@ def test_resume_refuses_another_attention_lr_scale(tmp_path):
     from trainer_pkg.run_dir import TrainingState, resume_problem
 
     # What a checkpoint holds is the resolved configuration: the effective scale written out.
-    TrainConfig(from_scratch=True).save(tmp_path / "run_config.yaml")
+    TrainConfig(from_scratch=True, attention_lr_scale=0.03).save(tmp_path / "run_config.yaml")
     saved = config_from_file(tmp_path / "run_config.yaml")
     assert saved.attention_lr_scale == 0.03
     state = TrainingState(optimizer_steps=10)
-    assert resume_problem(saved, state, TrainConfig(from_scratch=True), 1, deepspeed=False) is None
-    problem = resume_problem(saved, state, TrainConfig(from_scratch=True, attention_lr_scale=1.0), 1, deepspeed=False)
+    same = TrainConfig(from_scratch=True, attention_lr_scale=0.03)
+    assert resume_problem(saved, state, same, 1, deepspeed=False) is None
+    problem = resume_problem(saved, state, TrainConfig(from_scratch=True), 1, deepspeed=False)
     assert "--attention_lr_scale 0.03" in problem

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_module
-
-PROXY = "num_hidden_layers=2,hidden_size=128,num_attention_heads=2,intermediate_size=512"
+from conftest import REPO, run_module
 
 
 @pytest.fixture
@@ -47,9 +45,9 @@ def test_full_nsmc_loads_with_every_row_and_empty_reviews_kept(shared_dir, mbert
 @pytest.mark.slow
 def test_proxy_run_on_real_data_trains_exports_and_evaluates(shared_dir, mbert, cache_env, tmp_path):
     output_dir = tmp_path / "proxy"
-    run_module("trainer_pkg.train", "--data", shared_dir / "data" / "nsmc", "--model", mbert, "--from_scratch",
-               "--model_overrides", PROXY, "--max_train_samples", "4000", "--max_eval_samples", "1000",
-               "--output_dir", output_dir, env=cache_env)
+    run_module("trainer_pkg.train", "--config", REPO / "configs" / "nsmc_proxy_offline.yaml", "--data",
+               shared_dir / "data" / "nsmc", "--model", mbert, "--max_train_samples", "4000",
+               "--max_eval_samples", "1000", "--output_dir", output_dir, env=cache_env)
     summary = json.loads((output_dir / "metrics.json").read_text())
     assert summary["test"]["num_samples"] == 1000
     assert summary["test"]["accuracy"] > 0.6  # it learned something from 4,000 reviews

@@ -23,7 +23,7 @@ from transformers.utils import logging as transformers_logging
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
 from trainer_pkg.network import require_download
-from trainer_pkg.scratch import attention_geometry_parameters, init_local_attention, scratch_model_config
+from trainer_pkg.scratch import attention_geometry_parameters, init_local_attention
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -81,8 +81,6 @@ def encoder_width(config: TrainConfig) -> int | None:
 
 def load_model_config(config: TrainConfig, labels: list[str]) -> PretrainedConfig:
     model_config = base_model_config(config)
-    if config.from_scratch:
-        scratch_model_config(model_config, config.model_overrides)
     model_config.num_labels = len(labels)
     model_config.id2label = dict(enumerate(labels))
     model_config.label2id = {name: i for i, name in enumerate(labels)}
@@ -185,7 +183,7 @@ def model_inputs(batch: dict[str, torch.Tensor], prepared_mask: bool) -> dict[st
 
 def build_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
-    scale = config.effective_attention_lr_scale
+    scale = config.attention_lr_scale
     slow = attention_geometry_parameters(model) if scale != 1 else set()
     by_setting: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for parameter in model.parameters():

@@ -211,9 +211,9 @@ def resume_problem(saved: TrainConfig | None, state: TrainingState, config: Trai
             return (f"saved by a run with another {', '.join(changed)} ({key} was {getattr(saved, key)!r}, now "
                     f"{getattr(config, key)!r}); resume with the same settings, or export it and start a new run "
                     "with --model EXPORT")
-    if saved is not None and saved.attention_lr_scale not in (None, config.effective_attention_lr_scale):
+    if saved is not None and saved.attention_lr_scale != config.attention_lr_scale:
         return (f"saved with --attention_lr_scale {saved.attention_lr_scale:g}, now "
-                f"{config.effective_attention_lr_scale:g}: the optimizer's parameter groups differ; resume with "
+                f"{config.attention_lr_scale:g}: the optimizer's parameter groups differ; resume with "
                 f"--attention_lr_scale {saved.attention_lr_scale:g}")
     if deepspeed and state.num_processes != num_processes:
         return (f"saved by {state.num_processes} DeepSpeed processes, now {num_processes}; ZeRO shards cannot be "

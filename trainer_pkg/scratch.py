@@ -1,5 +1,5 @@
-"""What --from_scratch changes beyond the learning rate: the first attention layer's start, and
-which parameters take a smaller step.
+"""Two from-scratch options: the first attention layer's start (--scratch_init local), and a
+smaller step for the parameters that shape where attention looks (--attention_lr_scale).
 
 Measured on the offline proxy (2-layer, hidden-128 mBERT, one NSMC epoch): with the model's own
 random init, attention either stays uniform for the whole epoch (the encoder then works as a bag of
@@ -9,12 +9,15 @@ below the pooler vanishes (a constant prediction). Yet NSMC is decided by neighb
 the uncased mBERT tokenizer splits Hangul syllables into jamo pieces, and a linear model over
 hashed piece bigrams reaches 0.84 in one epoch where one over single pieces stops at 0.77.
 
-So a from-scratch BERT-style encoder starts with its first layer's heads looking at the previous and
-the next token (sinusoidal position embeddings and query/key maps that rotate one position apart,
-cf. convolution-like "structured" attention initialisations), and its position embeddings and
-query/key weights learn at 3% of the rate, so that this structure is refined rather than
-overwritten in the first hundred steps. Everything else is the model's own initialisation, and the
-result is a standard model of the same architecture.
+So the proxy's encoder starts with its first layer's heads looking at the previous and the next
+token (sinusoidal position embeddings and query/key maps that rotate one position apart, cf.
+convolution-like "structured" attention initialisations), and its position embeddings and query/key
+weights learn at 3% of the rate, so that this structure is refined rather than overwritten in the
+first hundred steps. Everything else is the model's own initialisation, and the result is a
+standard model of the same architecture.
+
+They are settings of configs/nsmc_proxy_offline.yaml, not --from_scratch defaults: on a second
+model (MiniLM-L6's config on SST-2) neither helped (docs/pretrained.md "From-scratch defaults").
 """
 
 from __future__ import annotations
@@ -23,22 +26,13 @@ import contextlib
 import math
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-# One epoch from scratch underfits: dropout only slows learning down there.
-SCRATCH_ZERO_DROPOUT = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 # Names of the parameters that shape where attention looks, in BERT-style models.
 ATTENTION_GEOMETRY = ("position_embeddings", ".query.", ".key.")
 # Logit margin of the intended neighbour at initialisation: it gets most of a head's attention in a
 # 30-piece review while the softmax is still far from saturated.
 NEIGHBOUR_LOGIT = 5.0
-
-
-def scratch_model_config(model_config: PretrainedConfig, overrides: dict) -> None:
-    """Defaults a from-scratch run applies to the model config, unless --model_overrides sets them."""
-    for key in SCRATCH_ZERO_DROPOUT:
-        if key not in overrides and hasattr(model_config, key):
-            setattr(model_config, key, 0.0)
 
 
 def attention_geometry_parameters(model: torch.nn.Module) -> set[int]:
