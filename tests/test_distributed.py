@@ -165,11 +165,10 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tiny_model, ti
 def fine_tune_args(export: Path, data: Path, output_dir: Path) -> list[str]:
     """The ZeRO runs and their DDP reference fine-tune the same weights: under ZeRO-3 a random init
     is drawn shard by shard and would differ from the DDP run's."""
-    values = tiny_train_args(export, data, output_dir, "--model_overrides", NO_DROPOUT.split(",", 1)[1],
-                             "--group_by_length", "false", "--log_every", "1", "--epochs", "1",
-                             "--per_device_batch_size", "8", "--grad_accum", "2", "--eval_every", "20")
-    values.remove("--from_scratch")
-    return values
+    return tiny_train_args(export, data, output_dir, "--model_overrides", NO_DROPOUT.split(",", 1)[1],
+                           "--group_by_length", "false", "--log_every", "1", "--epochs", "1",
+                           "--per_device_batch_size", "8", "--grad_accum", "2", "--eval_every", "20",
+                           from_scratch=False)
 
 
 @pytest.fixture(scope="module")

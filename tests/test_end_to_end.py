@@ -138,13 +138,12 @@ def test_output_dir_holding_another_run_is_refused(trained, tiny_model, tiny_nsm
 
 @pytest.mark.parametrize("case", ["missing_data_dir", "no_weights", "unknown_label", "missing_test_file"])
 def test_bad_inputs_give_one_line_errors(case, tiny_model, tiny_nsmc, cache_env, tmp_path):
-    args = tiny_train_args(tiny_model, tiny_nsmc, tmp_path / "out")
+    args = tiny_train_args(tiny_model, tiny_nsmc, tmp_path / "out", from_scratch=case != "no_weights")
     expected = {}
     if case == "missing_data_dir":
         args[args.index("--data") + 1] = str(tmp_path / "nowhere")
         expected = {"nowhere", "no such directory"}
     elif case == "no_weights":
-        args.remove("--from_scratch")
         expected = {"--from_scratch", str(tiny_model)}
     elif case == "unknown_label":
         bad = tmp_path / "bad.tsv"
