@@ -152,7 +152,7 @@ def test_resume_refuses_another_attention_lr_scale(tmp_path):
     from trainer_pkg.config import TrainConfig, config_from_file
     from trainer_pkg.run_dir import TrainingState, resume_problem
 
-    # What a checkpoint holds is the resolved configuration: the effective scale written out.
+    # What a checkpoint holds is the resolved configuration, the scale with it.
     TrainConfig(from_scratch=True, attention_lr_scale=0.03).save(tmp_path / "run_config.yaml")
     saved = config_from_file(tmp_path / "run_config.yaml")
     assert saved.attention_lr_scale == 0.03
