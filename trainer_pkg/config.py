@@ -142,6 +142,10 @@ class TrainConfig:
     are the fastest), 256 on a GPU."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    rdrop_alpha: float = 0.0
+    """R-Drop (Liang et al., 2021): each batch runs through the model twice (two dropout masks) and the
+    loss adds this weight x the symmetric KL divergence between the two predictions; 0 turns it off.
+    About 1.5x the time per step on the CPU (docs/pretrained.md, session 22); off by default."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on GPUs that support it, else fp32), 'no', 'bf16' or 'fp16'."""
     seed: int = 42
@@ -234,6 +238,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm})")
+        check(self.rdrop_alpha >= 0, f"rdrop_alpha must be >= 0 (got {self.rdrop_alpha})")
         check(self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip (got {self.nan_policy!r})")
         check(
             self.mixed_precision in ("auto", "no", "bf16", "fp16"),

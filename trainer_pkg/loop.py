@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
@@ -36,6 +37,17 @@ def short_window_scale(batch_index: int, batches_per_epoch: int, grad_accum: int
     its gradient must still be a mean, not a fraction of one."""
     window_start = batch_index - batch_index % grad_accum
     return grad_accum / min(grad_accum, batches_per_epoch - window_start)
+
+
+def rdrop_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """R-Drop's loss for the logits of a batch run twice (`torch.cat([batch, batch])`): the two halves'
+    mean cross-entropy plus `alpha` x their symmetric KL divergence, averaged over the rows."""
+    first, second = logits.float().chunk(2)
+    cross_entropy = (F.cross_entropy(first, labels) + F.cross_entropy(second, labels)) / 2
+    log_p, log_q = F.log_softmax(first, dim=-1), F.log_softmax(second, dim=-1)
+    symmetric_kl = (F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+                    + F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")) / 2
+    return cross_entropy + alpha * symmetric_kl
 
 
 def diverged_error(config: TrainConfig, step: int | None) -> UserError:
@@ -67,9 +79,15 @@ class TrainStep:
 
     def forward(self, batch: dict) -> torch.Tensor:
         inputs = model_inputs(batch, self.prepared_mask)
-        if self.low_precision is not None:
-            return self.low_precision.forward(self.model, inputs).loss
-        return self.model(**inputs).loss
+        alpha = self.config.rdrop_alpha
+        if alpha:
+            # One forward over the batch twice: the two copies get independent dropout masks, and
+            # DDP and DeepSpeed see the single forward they expect.
+            labels = inputs["labels"]
+            inputs = {key: torch.cat([value, value]) for key, value in inputs.items() if key != "labels"}
+        outputs = self.low_precision.forward(self.model, inputs) if self.low_precision is not None \
+            else self.model(**inputs)
+        return rdrop_loss(outputs.logits, labels, alpha) if alpha else outputs.loss
 
     def __call__(self, batch: dict, state: TrainingState) -> StepResult:
         accelerator, config = self.accelerator, self.config
