@@ -145,7 +145,8 @@ class TrainConfig:
     rdrop_alpha: float = 0.0
     """R-Drop (Liang et al., 2021): each batch runs through the model twice (two dropout masks) and the
     loss adds this weight x the symmetric KL divergence between the two predictions; 0 turns it off.
-    About 1.5x the time per step on the CPU (docs/pretrained.md, session 22); off by default."""
+    About 1.5x the time per step on the CPU (docs/pretrained.md, session 22); off by default. Each
+    forward holds twice --per_device_batch_size rows: lower it if memory is short."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on GPUs that support it, else fp32), 'no', 'bf16' or 'fp16'."""
     seed: int = 42
