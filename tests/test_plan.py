@@ -108,6 +108,24 @@ def test_a_long_pretrained_run_takes_a_smaller_lr_on_any_number_of_processes():
     assert planned(["--from_scratch"], "cpu", 1, num_rows=10**6).lr == recipe.DEFAULT_LR_FROM_SCRATCH
 
 
+def test_a_long_pretrained_run_trains_with_rdrop_on_any_number_of_processes():
+    alpha, minilm = recipe.DEFAULT_LONG_RUN_RDROP_ALPHA_PRETRAINED, 384
+    assert alpha > 0
+    # Full SST-2 on 1 process, 2, 8 or 64 GPUs: the same rows seen, so the same R-Drop.
+    for device, processes in (("cpu", 1), ("cpu", 2), ("cuda", 8), ("cuda", 64)):
+        assert planned([], device, processes, num_rows=67_349, width=minilm).rdrop_alpha == alpha
+    # The benchmark's 16,000 rows, a run cut short by --max_steps, and a from-scratch run keep it off.
+    assert planned([], "cpu", 1, num_rows=16_000, width=minilm).rdrop_alpha == 0
+    assert planned(["--max_steps", "500"], "cpu", 1, num_rows=67_349, width=minilm).rdrop_alpha == 0
+    assert planned(["--from_scratch"], "cpu", 1, num_rows=10**6).rdrop_alpha == 0
+    # Explicit values win either way.
+    assert planned(["--rdrop_alpha", "0"], "cpu", 1, num_rows=67_349, width=minilm).rdrop_alpha == 0
+    assert planned(["--rdrop_alpha", "0.5"], "cpu", 1, num_rows=16_000, width=minilm).rdrop_alpha == 0.5
+    # The plan a run prints and --dry_run's JSON carry it.
+    config = planned([], "cpu", 1, num_rows=67_349, width=minilm)
+    assert make_plan(config, "cpu", 1, 67_349, math.ceil(67_349 / 32)).to_dict()["rdrop_alpha"] == alpha
+
+
 def test_contradictory_batch_flags_are_refused_in_one_line():
     contradiction = r"--global_batch_size 100 is not --per_device_batch_size 8 x 2 processes x --grad_accum 4"
     with pytest.raises(UserError, match=contradiction):

@@ -26,6 +26,7 @@ from trainer_pkg.config import (
     DEFAULT_GLOBAL_BATCH_FROM_SCRATCH,
     DEFAULT_GLOBAL_BATCH_PRETRAINED,
     DEFAULT_LONG_RUN_LR_PRETRAINED,
+    DEFAULT_LONG_RUN_RDROP_ALPHA_PRETRAINED,
     DEFAULT_LONG_RUN_ROWS_PRETRAINED,
     DEFAULT_LR_FROM_SCRATCH,
     DEFAULT_LR_PRETRAINED,
@@ -67,6 +68,7 @@ class TrainingPlan:
     total_steps: int
     warmup_steps: int
     early_stopping_patience: int
+    rdrop_alpha: float
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -128,7 +130,8 @@ def resolve_schedule(config: TrainConfig, num_batches: int, num_processes: int, 
     recipe's at its default global batch (for pretrained weights, by the encoder's `width`:
     pretrained_lr, and at most DEFAULT_LONG_RUN_LR_PRETRAINED for a run that sees
     DEFAULT_LONG_RUN_ROWS_PRETRAINED rows), scaled by sqrt(global / default) for other global
-    batches (the square-root rule for Adam). Rows seen and steps are counted in global batches, so
+    batches (the square-root rule for Adam). R-Drop: DEFAULT_LONG_RUN_RDROP_ALPHA_PRETRAINED for that
+    long pretrained run, else off. Rows seen and steps are counted in global batches, so
     the plan is the same on any number of processes. Explicit --epochs and --lr are used as given.
     """
     per_epoch = steps_per_epoch(batches_per_process(num_batches, num_processes), config.grad_accum)
@@ -139,16 +142,20 @@ def resolve_schedule(config: TrainConfig, num_batches: int, num_processes: int, 
         epochs = min(DEFAULT_MAX_EPOCHS_PRETRAINED,
                      max(DEFAULT_MIN_EPOCHS_PRETRAINED, math.ceil(DEFAULT_MIN_STEPS_PRETRAINED / per_epoch)))
     global_batch = config.per_device_batch_size * num_processes * config.grad_accum
+    long_pretrained_run = not config.from_scratch and \
+        planned_steps(per_epoch, epochs, config.max_steps) * global_batch >= DEFAULT_LONG_RUN_ROWS_PRETRAINED
     lr = config.lr
     if lr is None and config.from_scratch:
         lr = DEFAULT_LR_FROM_SCRATCH * math.sqrt(global_batch / default_global_batch(config))
     elif lr is None:
-        rows_seen = planned_steps(per_epoch, epochs, config.max_steps) * global_batch
         recipe_lr = pretrained_lr(width)
-        if rows_seen >= DEFAULT_LONG_RUN_ROWS_PRETRAINED:
+        if long_pretrained_run:
             recipe_lr = min(recipe_lr, DEFAULT_LONG_RUN_LR_PRETRAINED)
         lr = recipe_lr * math.sqrt(global_batch / default_global_batch(config))
-    return dataclasses.replace(config, epochs=epochs, lr=lr)
+    rdrop_alpha = config.rdrop_alpha
+    if rdrop_alpha is None:
+        rdrop_alpha = DEFAULT_LONG_RUN_RDROP_ALPHA_PRETRAINED if long_pretrained_run else 0.0
+    return dataclasses.replace(config, epochs=epochs, lr=lr, rdrop_alpha=rdrop_alpha)
 
 
 def planned_steps(per_epoch: int, epochs: int, max_steps: int | None) -> int:
@@ -195,7 +202,7 @@ def make_plan(config: TrainConfig, device: str, num_processes: int, num_train_ro
         per_device_batch_size=config.per_device_batch_size, grad_accum=config.grad_accum, lr=config.effective_lr,
         epochs=config.epochs, steps_per_epoch=per_epoch, total_steps=total,
         warmup_steps=warmup_steps(total, config.warmup_ratio), early_stopping_patience=config.early_stopping_patience,
-        notes=notes,
+        rdrop_alpha=config.rdrop_alpha, notes=notes,
     )
 
 
@@ -214,6 +221,7 @@ def show_plan(console: RunConsole, plan: TrainingPlan) -> None:
         f"{plan.per_device_batch_size} rows per pass x {plan.num_processes} x {plan.grad_accum} accumulated "
         f"({plan.device}); lr {plan.lr:.3g}, {plan.warmup_steps:,} warmup steps; {plan.epochs} epoch(s) "
         f"of {plan.steps_per_epoch:,} steps, {plan.total_steps:,} in all"
+        + (f"; R-Drop alpha {plan.rdrop_alpha:g} (each batch runs twice)" if plan.rdrop_alpha else "")
         + (f"; early stopping after {plan.early_stopping_patience} validations without a better score"
            if plan.early_stopping_patience else "")
     )
