@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import run_module, tiny_train_args
 from helpers_tiny import small_encoder
+from test_dry_run import launch
 
 from trainer_pkg.config import TrainConfig
 from trainer_pkg.errors import UserError
@@ -56,10 +57,19 @@ def test_a_negative_rdrop_alpha_is_refused():
         replace(TrainConfig(), rdrop_alpha=-1.0).validate()
 
 
-def test_a_run_with_rdrop_trains_and_exports(tiny_model, tiny_nsmc, cache_env, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_with_rdrop_trains_and_exports(tiny_model, tiny_nsmc, cache_env, tmp_path, processes):
+    # Two processes: DDP's one forward over the doubled batch, gradients averaged over gloo.
     output_dir = tmp_path / "run"
-    run_module("trainer_pkg.train", *tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "45",
-                                                     "--rdrop_alpha", "1"), env=cache_env)
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, "--max_steps", "45", "--rdrop_alpha", "1",
+                           "--per_device_batch_size", str(16 // processes))
+    if processes == 1:
+        run_module("trainer_pkg.train", *args, env=cache_env)
+    else:
+        launch(cache_env, *args)
+    plan = next(record for record in map(json.loads, (output_dir / "log.jsonl").read_text().splitlines())
+                if record["kind"] == "plan")
+    assert (plan["num_processes"], plan["global_batch_size"], plan["rdrop_alpha"]) == (processes, 16, 1.0)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= 0.9, metrics["test"]
     assert (output_dir / "model" / "model.safetensors").is_file()
