@@ -110,3 +110,16 @@ def test_zero_checkpoints_refuse_another_global_batch():
     assert "saved by 2 DeepSpeed processes, now 4" in resume_problem(saved, state, saved, 4, deepspeed=True)
     # DDP re-splits an epoch over another number of processes.
     assert resume_problem(saved, state, saved, 4, deepspeed=False) is None
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry_run"])
+def test_a_model_directory_without_weights_is_refused_unless_from_scratch(tiny_model, tiny_nsmc, cache_env,
+                                                                          tmp_path, dry_run):
+    # tiny_model holds a config and a tokenizer only, like ../shared's mBERT: fine-tuning it would
+    # train a random model under a pretrained run's plan.
+    output_dir = tmp_path / "run"
+    args = tiny_train_args(tiny_model, tiny_nsmc, output_dir, *(["--dry_run"] if dry_run else []), from_scratch=False)
+    message = one_line_error(run_module("trainer_pkg.train", *args, env=cache_env, check=False))
+    assert message == (f"error: --model {tiny_model}: no weights there (model.safetensors or pytorch_model.bin); "
+                       "pass --from_scratch to train from a random initialisation of its config"), message
+    assert not output_dir.exists()

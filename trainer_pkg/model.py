@@ -115,6 +115,17 @@ def loading_summary(name: str, info: dict) -> str:
     return line + (f"; unused from the checkpoint: {shorten(unused)}" if unused else "")
 
 
+def require_weights(config: TrainConfig) -> None:
+    """A local --model without weights is refused unless --from_scratch: fine-tuning it would
+    silently train a random model. The dry run asks too, so its plan is never for a run that fails."""
+    local = Path(config.model)
+    if not config.from_scratch and local.is_dir() and not any((local / name).exists() for name in WEIGHT_FILES):
+        raise UserError(
+            f"--model {config.model}: no weights there (model.safetensors or pytorch_model.bin); "
+            "pass --from_scratch to train from a random initialisation of its config"
+        )
+
+
 def build_model(config: TrainConfig, labels: list[str], say: Callable[[str], None] = print) -> PreTrainedModel:
     """The classifier: pretrained weights with a new head, or random init with --from_scratch."""
     model_config = load_model_config(config, labels)
@@ -127,12 +138,7 @@ def build_model(config: TrainConfig, labels: list[str], say: Callable[[str], Non
             say(f"--scratch_init local: {type(model).__name__} is not a BERT-style encoder; "
                  "it keeps its own random initialisation")
         return model
-    local = Path(config.model)
-    if local.is_dir() and not any((local / name).exists() for name in WEIGHT_FILES):
-        raise UserError(
-            f"--model {config.model}: no weights there (model.safetensors or pytorch_model.bin); "
-            "pass --from_scratch to train from a random initialisation of its config"
-        )
+    require_weights(config)
     # transformers' own report is a table and a warning per load: one line of ours says the same.
     try:
         with quiet_transformers():

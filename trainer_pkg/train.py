@@ -40,7 +40,15 @@ from trainer_pkg.errors import UserError, cli
 from trainer_pkg.evaluate import ReportOptions, evaluate_and_report
 from trainer_pkg.inference import eval_batch_size, evaluate_dataloader
 from trainer_pkg.loop import TrainMeter, TrainStep
-from trainer_pkg.model import accepts_prepared_mask, build_model, build_optimizer, build_scheduler, encoder_width, load_tokenizer
+from trainer_pkg.model import (
+    accepts_prepared_mask,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    encoder_width,
+    load_tokenizer,
+    require_weights,
+)
 from trainer_pkg.plan import (
     TrainingPlan,
     batch_is_default,
@@ -98,6 +106,7 @@ class Run:
 def start(config: TrainConfig, settings: dict | None,
           changes: dict) -> tuple[TrainConfig, object, RunConsole, StopRequest, Path | None]:
     """The accelerator, the console and the output directory; the checkpoint to resume from."""
+    require_weights(config)  # before the output directory is written
     device, processes = this_hardware()
     config = resolve_batch(config, device, processes)
     trackers, tensorboard_dir = resolve_trackers(config.report_to), Path(config.output_dir) / TENSORBOARD_DIR
