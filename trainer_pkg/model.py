@@ -116,8 +116,9 @@ def loading_summary(name: str, info: dict) -> str:
 
 
 def require_weights(config: TrainConfig) -> None:
-    """A local --model without weights is refused unless --from_scratch: fine-tuning it would
-    silently train a random model. The dry run asks too, so its plan is never for a run that fails."""
+    """A local --model without weights is refused unless --from_scratch, before anything is planned
+    or written (train.run): a dry run would print a pretrained plan for it, and the run would fail
+    only after creating its output directory."""
     local = Path(config.model)
     if not config.from_scratch and local.is_dir() and not any((local / name).exists() for name in WEIGHT_FILES):
         raise UserError(
@@ -138,7 +139,6 @@ def build_model(config: TrainConfig, labels: list[str], say: Callable[[str], Non
             say(f"--scratch_init local: {type(model).__name__} is not a BERT-style encoder; "
                  "it keeps its own random initialisation")
         return model
-    require_weights(config)
     # transformers' own report is a table and a warning per load: one line of ours says the same.
     try:
         with quiet_transformers():

@@ -40,7 +40,7 @@ from trainer_pkg.console import RunConsole
 from trainer_pkg.data import load_tokenized, resolve_columns_and_labels, train_dataloader
 from trainer_pkg.distributed import launched_processes
 from trainer_pkg.errors import UserError
-from trainer_pkg.model import encoder_width, load_tokenizer, require_weights
+from trainer_pkg.model import encoder_width, load_tokenizer
 
 # The most rows one forward pass takes on each device before accumulation splits the batch. On the
 # CPU the arithmetic of a batch dominates and memory is the only limit; on the H100 a BERT-base
@@ -235,7 +235,6 @@ def dry_run(config: TrainConfig) -> dict:
     device, processes = config.assume_device or device, config.assume_processes or processes
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
-    require_weights(config)
     default_batch = batch_is_default(config)
     config = resolve_batch(resolve_columns_and_labels(config), device, processes)
     console = RunConsole(enabled=True)

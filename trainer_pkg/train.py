@@ -106,7 +106,6 @@ class Run:
 def start(config: TrainConfig, settings: dict | None,
           changes: dict) -> tuple[TrainConfig, object, RunConsole, StopRequest, Path | None]:
     """The accelerator, the console and the output directory; the checkpoint to resume from."""
-    require_weights(config)  # before the output directory is written
     device, processes = this_hardware()
     config = resolve_batch(config, device, processes)
     trackers, tensorboard_dir = resolve_trackers(config.report_to), Path(config.output_dir) / TENSORBOARD_DIR
@@ -364,6 +363,8 @@ def finish(run: Run) -> dict:
 
 
 def run(config: TrainConfig, settings: dict | None = None, changes: dict | None = None) -> dict:
+    # Before anything is planned or written: a plan for weights that are not there would be wrong.
+    require_weights(config)
     if config.dry_run:
         return dry_run(config)
     training = setup(config, settings, changes)
